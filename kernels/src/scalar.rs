@@ -1,0 +1,172 @@
+//! Plain loops: the oracle every other tier is tested against. Never "optimise" this file;
+//! its only job is to be obviously right.
+
+use crate::Weights;
+
+/// Weight element `i` as f32, whatever the storage dtype.
+#[inline]
+pub fn weight_at(w: Weights<'_>, i: usize) -> f32 {
+    match w {
+        Weights::F32(s) => s[i],
+        Weights::F16(s) => s[i].to_f32(),
+        Weights::Bf16(s) => s[i].to_f32(),
+    }
+}
+
+/// sum_i w[i] * x[i], accumulated in f64 so the oracle is more exact than any tier.
+pub fn dot(w: Weights<'_>, x: &[f32]) -> f32 {
+    let mut acc = 0f64;
+    for (i, &xi) in x.iter().enumerate() {
+        acc += weight_at(w, i) as f64 * xi as f64;
+    }
+    acc as f32
+}
+
+/// y[r] = dot(w[r, :], x) for the rows `w` holds (`w` is `(y.len(), x.len())`).
+pub fn matvec(w: Weights<'_>, x: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    for (r, yr) in y.iter_mut().enumerate() {
+        *yr = dot(w.slice(r * k, (r + 1) * k), x);
+    }
+}
+
+/// y[t, r] = dot(x[t, :], w[r, :]); x: (n, k), w: (m, k), y: (n, m).
+pub fn matmul(w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    let k = x.len() / n;
+    let m = y.len() / n;
+    for t in 0..n {
+        matvec(w, &x[t * k..(t + 1) * k], &mut y[t * m..(t + 1) * m]);
+        let _ = m;
+    }
+}
+
+pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len().max(1) as f64;
+    let inv = 1.0 / (ss + eps as f64).sqrt();
+    for i in 0..x.len() {
+        out[i] = ((x[i] as f64 * inv) as f32) * weight[i];
+    }
+}
+
+pub fn layernorm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len().max(1) as f64;
+    let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    for i in 0..x.len() {
+        out[i] = (((x[i] as f64 - mean) * inv) as f32) * weight[i] + bias[i];
+    }
+}
+
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        let e = ((*v - max) as f64).exp();
+        *v = e as f32;
+        sum += e;
+    }
+    for v in x.iter_mut() {
+        *v = (*v as f64 / sum) as f32;
+    }
+}
+
+pub fn silu(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let f = *v as f64;
+        *v = (f / (1.0 + (-f).exp())) as f32;
+    }
+}
+
+/// gate[i] = silu(gate[i]) * up[i] (the SwiGLU feed-forward).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let f = *g as f64;
+        *g = (f / (1.0 + (-f).exp()) * u as f64) as f32;
+    }
+}
+
+/// Exact GELU: 0.5 x (1 + erf(x / sqrt 2)).
+pub fn gelu(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let f = *v as f64;
+        *v = (0.5 * f * (1.0 + erf(f / std::f64::consts::SQRT_2))) as f32;
+    }
+}
+
+/// erf to ~1e-15 via its Maclaurin series (small |x|) or the continued fraction of erfc.
+pub fn erf(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // erf(x) = 2/sqrt(pi) * sum_n (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut sum = 0.0f64;
+        let mut term: f64 = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) || n < 3.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x2 / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else if ax > 6.0 {
+        1.0
+    } else {
+        // erfc(x) = exp(-x^2)/sqrt(pi) * 1/(x + 1/2/(x + 1/(x + 3/2/(x + ...)))) (Lentz-free, fixed depth)
+        let mut f = ax;
+        for k in (1..60).rev() {
+            f = ax + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-ax * ax).exp() / std::f64::consts::PI.sqrt() / f
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// HF Llama rotate-half RoPE on `x` = (n_heads, head_dim) for one position:
+/// for i < d/2: (x[i], x[i+d/2]) <- (x[i] c - x[i+d/2] s, x[i+d/2] c + x[i] s), c = cos[i], s = sin[i].
+pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let a = head[i];
+            let b = head[i + half];
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+pub fn scale(x: &mut [f32], s: f32) {
+    for a in x.iter_mut() {
+        *a *= s;
+    }
+}
+
+/// y += a * x
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+pub fn to_f32(w: Weights<'_>, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = weight_at(w, i);
+    }
+}

@@ -1,0 +1,6 @@
+//! The `spinfer` command line.
+
+fn main() {
+    eprintln!("spinfer: not implemented yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,292 @@
+//! Memory-mapped safetensors: typed, zero-copy views of tensors by name, over one file or the
+//! shards an index names. Kernels read the mapped bytes directly.
+
+use crate::{Error, Result};
+use spinfer_kernels::{bf16, f16, Weights};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The element types we compute with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range in the file (absolute, header included).
+    start: usize,
+    end: usize,
+}
+
+struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+/// A tensor as stored: dtype, shape and a borrowed typed view of its elements.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: Weights<'a>,
+}
+
+impl Tensor<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// All tensors of a model, memory-mapped.
+pub struct WeightStore {
+    files: Vec<MappedFile>,
+    entries: HashMap<String, Entry>,
+}
+
+impl WeightStore {
+    /// Open a model folder's weights: `model.safetensors`, or every shard named by
+    /// `model.safetensors.index.json` (the index wins when both exist).
+    pub fn open_dir(dir: &Path) -> Result<WeightStore> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            return WeightStore::open_index(&index);
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return WeightStore::open_files(&[single]);
+        }
+        Err(Error::runtime(format!(
+            "no weights in {}: expected model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )))
+    }
+
+    /// Open the shards an index names. Shard names must be plain file names beside the index.
+    pub fn open_index(index: &Path) -> Result<WeightStore> {
+        let text = std::fs::read_to_string(index)
+            .map_err(|e| Error::runtime(format!("cannot read {}: {e}", index.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::runtime(format!("{} is not valid JSON: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                Error::runtime(format!("{} has no \"weight_map\" object", index.display()))
+            })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::runtime(format!(
+                    "{}: weight_map entry for {tensor:?} is not a file name",
+                    index.display()
+                ))
+            })?;
+            if !is_plain_file_name(file) {
+                return Err(Error::runtime(format!(
+                    "{}: shard name {file:?} (for tensor {tensor:?}) must be a plain file name in the model folder",
+                    index.display()
+                )));
+            }
+            if !shards.iter().any(|s| s == file) {
+                shards.push(file.to_string());
+            }
+        }
+        shards.sort();
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let store = WeightStore::open_files(&paths)?;
+        // Every tensor the index names must be in the shard it names.
+        for (tensor, file) in map {
+            let file = file.as_str().unwrap_or_default();
+            match store.entries.get(tensor) {
+                Some(e)
+                    if store.files[e.file]
+                        .path
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        == Some(file) => {}
+                _ => {
+                    return Err(Error::runtime(format!(
+                        "{}: tensor {tensor:?} is not in shard {file:?}",
+                        index.display()
+                    )))
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Map and validate each file; a tensor name may appear in only one file.
+    pub fn open_files(paths: &[PathBuf]) -> Result<WeightStore> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for path in paths {
+            let file = File::open(path)
+                .map_err(|e| Error::runtime(format!("cannot open {}: {e}", path.display())))?;
+            // SAFETY: the mapping is read-only and lives as long as the store; like every mmap
+            // reader we rely on the model file not being truncated or rewritten while in use.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .map_err(|e| Error::runtime(format!("cannot map {}: {e}", path.display())))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                    Error::runtime(format!(
+                        "{} is not a valid safetensors file: {e}",
+                        path.display()
+                    ))
+                })?;
+            let data_start = 8 + header_len;
+            let idx = files.len();
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    safetensors::Dtype::F32 => DType::F32,
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::Bf16,
+                    other => {
+                        return Err(Error::runtime(format!(
+                            "{}: tensor {name:?} has dtype {other:?}; supported dtypes are F32, F16 and BF16",
+                            path.display()
+                        )))
+                    }
+                };
+                let (s, e) = info.data_offsets;
+                let entry = Entry {
+                    file: idx,
+                    dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + s,
+                    end: data_start + e,
+                };
+                // Kernels load whole elements; the mmap base is page-aligned, so check the offset.
+                if entry.start % dtype.size() != 0 {
+                    return Err(Error::runtime(format!(
+                        "{}: tensor {name:?} starts at byte {} which is not aligned to its {}-byte elements; re-save the file with a current safetensors",
+                        path.display(),
+                        entry.start,
+                        dtype.size()
+                    )));
+                }
+                if let Some(prev) = entries.insert(name.clone(), entry) {
+                    let prev: Entry = prev;
+                    return Err(Error::runtime(format!(
+                        "tensor {name:?} appears in both {} and {}",
+                        files
+                            .get(prev.file)
+                            .map(|f: &MappedFile| f.path.display().to_string())
+                            .unwrap_or_default(),
+                        path.display()
+                    )));
+                }
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                map,
+            });
+        }
+        Ok(WeightStore { files, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    /// The file a tensor lives in (for error messages).
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries
+            .get(name)
+            .map(|e| self.files[e.file].path.as_path())
+    }
+
+    /// A description of where the weights come from, for error messages.
+    pub fn describe(&self) -> String {
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+
+    /// The tensor `name`, or an error naming it and the files searched.
+    pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
+        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| {
+            Error::runtime(format!("tensor {name:?} not found in {}", self.describe()))
+        })?;
+        let bytes = &self.files[e.file].map[e.start..e.end];
+        let n = bytes.len() / e.dtype.size();
+        // SAFETY: `bytes` lies inside the mapping (validated by read_metadata), its start is
+        // aligned to the element size (checked at open), f32/f16/bf16 accept any bit pattern,
+        // and safetensors data is little-endian like every target we build for.
+        let data = unsafe {
+            match e.dtype {
+                DType::F32 => {
+                    Weights::F32(std::slice::from_raw_parts(bytes.as_ptr() as *const f32, n))
+                }
+                DType::F16 => {
+                    Weights::F16(std::slice::from_raw_parts(bytes.as_ptr() as *const f16, n))
+                }
+                DType::Bf16 => {
+                    Weights::Bf16(std::slice::from_raw_parts(bytes.as_ptr() as *const bf16, n))
+                }
+            }
+        };
+        Ok(Tensor {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            data,
+        })
+    }
+
+    /// The tensor `name`, checked to have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor<'_>> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            return Err(Error::runtime(format!(
+                "{}: tensor {name:?} has shape {:?}, expected {shape:?}",
+                self.file_of(name)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                t.shape
+            )));
+        }
+        Ok(t)
+    }
+
+    /// A small tensor (norm weights, biases) widened to an owned f32 vector.
+    pub fn get_f32_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.get_shaped(name, shape)?;
+        let mut out = vec![0f32; t.numel()];
+        spinfer_kernels::scalar::to_f32(t.data, &mut out);
+        Ok(out)
+    }
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("safetensors data is little-endian; spinfer reads it in place and supports little-endian targets only");
+
+/// A name with no path separators or parent references.
+pub fn is_plain_file_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
+}
