@@ -390,3 +390,27 @@ fn unknown_rope_type_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn model_is_shareable_across_threads() {
+    // The engine caches one model and serves requests from several threads.
+    fn shareable<T: Send + Sync>() {}
+    fn sendable<T: Send>() {}
+    shareable::<LlamaModel>();
+    sendable::<spinfer::llama::LlamaState>();
+    let model = std::sync::Arc::new(LlamaModel::load(&model_dir("tiny-llama")).unwrap());
+    let ids = model.encode("The quick brown fox").unwrap();
+    let runs: Vec<Vec<f32>> = (0..2)
+        .map(|_| {
+            let (m, ids) = (model.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let mut s = m.new_state(ids.len());
+                m.forward(&mut s, &ids).unwrap().to_vec()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(runs[0], runs[1]);
+}
