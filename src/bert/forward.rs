@@ -6,7 +6,7 @@
 use super::{BertConfig, BertModel};
 use crate::{Error, Result};
 use rayon::prelude::*;
-use spinfer_kernels::{Kernels, Weights};
+use spinfer_kernels::{Kernels, Precision, Weights};
 
 /// Activations for up to `cap` packed tokens, allocated once per `embed` call.
 pub(super) struct Scratch {
@@ -79,8 +79,8 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
     let th = t * h;
 
     // Embeddings: word + position + token type 0, then LayerNorm (into x).
-    let word = m.store.get(&m.word_emb)?.data; // (vocab_size, hidden)
-    let pos = m.store.get(&m.pos_emb)?.data; // (max_position_embeddings, hidden)
+    let word = m.store.data(m.word_emb); // (vocab_size, hidden)
+    let pos = m.store.data(m.pos_emb); // (max_position_embeddings, hidden)
     let mut pos_row = vec![0f32; h]; // (hidden)
     for (i, ids) in seqs.iter().enumerate() {
         for (p, &id) in ids.iter().enumerate() {
@@ -104,12 +104,12 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
     for layer in &m.layers {
         let x = &s.x[..th];
         // Q, K, V: (t, hidden) each.
-        let wq = m.store.get(&layer.wq)?.data;
-        let wk = m.store.get(&layer.wk)?.data;
-        let wv = m.store.get(&layer.wv)?.data;
-        kern.matmul(wq, x, t, &mut s.q[..th]);
-        kern.matmul(wk, x, t, &mut s.k[..th]);
-        kern.matmul(wv, x, t, &mut s.v[..th]);
+        let wq = m.store.data(layer.wq);
+        let wk = m.store.data(layer.wk);
+        let wv = m.store.data(layer.wv);
+        matmul(kern, wq, x, t, &mut s.q[..th]);
+        matmul(kern, wk, x, t, &mut s.k[..th]);
+        matmul(kern, wv, x, t, &mut s.v[..th]);
         add_bias_rows(kern, &mut s.q[..th], &layer.bq);
         add_bias_rows(kern, &mut s.k[..th], &layer.bk);
         add_bias_rows(kern, &mut s.v[..th], &layer.bv);
@@ -151,7 +151,8 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
                 let (l, base) = (lens[i], hd * t * d + offs[i] * d);
                 scores.resize(l * l, 0.0);
                 let sc = &mut scores[..l * l]; // (l, l): query rows, key columns
-                kern.matmul(
+                matmul(
+                    kern,
                     Weights::F32(&kh[base..base + l * d]),
                     &qh[base..base + l * d],
                     l,
@@ -161,7 +162,7 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
                     kern.softmax(row);
                 }
                 // out (l, d) = P (l, l) · V (l, d), with V given transposed as (d, l).
-                kern.matmul(Weights::F32(&vt[base..base + l * d]), sc, l, out);
+                matmul(kern, Weights::F32(&vt[base..base + l * d]), sc, l, out);
             });
 
         // Back to (t, hidden) in q, then the output dense + residual + LayerNorm.
@@ -172,8 +173,8 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
                 s.q[dst..dst + d].copy_from_slice(&s.ctxh[blk + r * d..blk + (r + 1) * d]);
             }
         }
-        let wo = m.store.get(&layer.wo)?.data;
-        kern.matmul(wo, &s.q[..th], t, &mut s.tmp[..th]);
+        let wo = m.store.data(layer.wo);
+        matmul(kern, wo, &s.q[..th], t, &mut s.tmp[..th]);
         add_bias_residual_rows(kern, &mut s.tmp[..th], &layer.bo, &s.x[..th]);
         layernorm_rows(
             kern,
@@ -186,8 +187,8 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
 
         // Feed-forward: GELU(x W_upᵀ + b) W_downᵀ + b, residual, LayerNorm.
         let ti = t * inter;
-        let w_up = m.store.get(&layer.w_up)?.data;
-        kern.matmul(w_up, &s.x[..th], t, &mut s.ffn[..ti]);
+        let w_up = m.store.data(layer.w_up);
+        matmul(kern, w_up, &s.x[..th], t, &mut s.ffn[..ti]);
         s.ffn[..ti]
             .par_chunks_mut(ROWS_PER_TASK * inter)
             .for_each(|rows| {
@@ -196,8 +197,8 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
                 }
                 kern.gelu(rows);
             });
-        let w_down = m.store.get(&layer.w_down)?.data;
-        kern.matmul(w_down, &s.ffn[..ti], t, &mut s.tmp[..th]);
+        let w_down = m.store.data(layer.w_down);
+        matmul(kern, w_down, &s.ffn[..ti], t, &mut s.tmp[..th]);
         add_bias_residual_rows(kern, &mut s.tmp[..th], &layer.b_down, &s.x[..th]);
         layernorm_rows(
             kern,
@@ -224,6 +225,12 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
         out.push(mean.iter().map(|a| (a / norm) as f32).collect());
     }
     Ok(out)
+}
+
+/// Y = X Wᵀ in f32 throughout: bf16 weights are widened, activations never rounded to bf16
+/// (the bf16 dot path would cost ~1e-3 relative error, far past what exactness allows here).
+fn matmul(kern: &Kernels, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+    kern.matmul_with(Precision::Exact, w, x, n, y)
 }
 
 fn add_bias_rows(kern: &Kernels, y: &mut [f32], bias: &[f32]) {

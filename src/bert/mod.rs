@@ -19,7 +19,7 @@ mod forward;
 
 pub use config::BertConfig;
 
-use crate::weights::WeightStore;
+use crate::weights::{TensorRef, WeightStore};
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -29,9 +29,9 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 /// depend on the split) so scratch memory stays bounded (~40 MB for MiniLM).
 const MAX_PASS_TOKENS: usize = 2048;
 
-/// A loaded embedder: the tokenizer, the memory-mapped weights and the names of the matrices in
-/// them (looked up per call: the store owns the mapping, so views cannot live in the struct).
-/// Small vectors (biases, LayerNorm parameters) are widened to f32 at load.
+/// A loaded embedder: the tokenizer, the memory-mapped weights and handles to the matrices in
+/// them (resolved and shape-checked at load; the store owns the mapping, so views are made per
+/// call). Small vectors (biases, LayerNorm parameters) are widened to f32 at load.
 pub struct BertModel {
     cfg: BertConfig,
     /// Tokens per input at most, [CLS] and [SEP] included.
@@ -40,32 +40,32 @@ pub struct BertModel {
     lowercase: bool,
     tokenizer: Tokenizer,
     store: WeightStore,
-    word_emb: String,   // (vocab_size, hidden)
-    pos_emb: String,    // (max_position_embeddings, hidden)
-    type0: Vec<f32>,    // (hidden): token type 0's embedding row
-    emb_ln_w: Vec<f32>, // (hidden)
-    emb_ln_b: Vec<f32>, // (hidden)
+    word_emb: TensorRef, // (vocab_size, hidden)
+    pos_emb: TensorRef,  // (max_position_embeddings, hidden)
+    type0: Vec<f32>,     // (hidden): token type 0's embedding row
+    emb_ln_w: Vec<f32>,  // (hidden)
+    emb_ln_b: Vec<f32>,  // (hidden)
     layers: Vec<Layer>,
 }
 
 /// One encoder layer: matrix names in the store, small vectors owned.
 struct Layer {
-    wq: String,       // (hidden, hidden)
-    wk: String,       // (hidden, hidden)
-    wv: String,       // (hidden, hidden)
-    wo: String,       // (hidden, hidden)
-    w_up: String,     // (intermediate, hidden)
-    w_down: String,   // (hidden, intermediate)
-    bq: Vec<f32>,     // (hidden)
-    bk: Vec<f32>,     // (hidden)
-    bv: Vec<f32>,     // (hidden)
-    bo: Vec<f32>,     // (hidden)
-    b_up: Vec<f32>,   // (intermediate)
-    b_down: Vec<f32>, // (hidden)
-    ln1_w: Vec<f32>,  // (hidden) after attention
-    ln1_b: Vec<f32>,  // (hidden)
-    ln2_w: Vec<f32>,  // (hidden) after the feed-forward
-    ln2_b: Vec<f32>,  // (hidden)
+    wq: TensorRef,     // (hidden, hidden)
+    wk: TensorRef,     // (hidden, hidden)
+    wv: TensorRef,     // (hidden, hidden)
+    wo: TensorRef,     // (hidden, hidden)
+    w_up: TensorRef,   // (intermediate, hidden)
+    w_down: TensorRef, // (hidden, intermediate)
+    bq: Vec<f32>,      // (hidden)
+    bk: Vec<f32>,      // (hidden)
+    bv: Vec<f32>,      // (hidden)
+    bo: Vec<f32>,      // (hidden)
+    b_up: Vec<f32>,    // (intermediate)
+    b_down: Vec<f32>,  // (hidden)
+    ln1_w: Vec<f32>,   // (hidden) after attention
+    ln1_b: Vec<f32>,   // (hidden)
+    ln2_w: Vec<f32>,   // (hidden) after the feed-forward
+    ln2_b: Vec<f32>,   // (hidden)
 }
 
 impl BertModel {
@@ -80,9 +80,9 @@ impl BertModel {
 
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let n = Names::detect(&store);
-        let mat = |name: String, shape: [usize; 2]| -> Result<String> {
+        let mat = |name: String, shape: [usize; 2]| -> Result<TensorRef> {
             store.get_shaped(&name, &shape)?;
-            Ok(name)
+            store.tensor_ref(&name)
         };
         let vec = |name: String, len: usize| store.get_f32_vec(&name, &[len]);
         let ln = |base: &str| -> Result<(Vec<f32>, Vec<f32>)> {
