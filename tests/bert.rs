@@ -151,10 +151,29 @@ fn minilm_vector_does_not_depend_on_batch() {
         vec!["", probe, "Hi"],
         vec![t[19], t[18], probe, t[17]], // beside inputs at the 256 window
         vec![probe, probe],
-        t.iter().copied().chain([probe]).collect(),
+        // ~2600 tokens: more than one forward pass (passes hold at most 2048 tokens).
+        t.iter().chain(t.iter()).copied().chain([probe]).collect(),
     ];
     for b in &batches {
-        let (vecs, _) = model.embed(b).unwrap();
+        let (vecs, count) = model.embed(b).unwrap();
+        if b.len() > 2 * t.len() {
+            check(
+                "all-minilm-l6-v2 twice, split over passes",
+                &vecs[..t.len()],
+                &r,
+                0.99999,
+                1e-4,
+            );
+            check(
+                "(second copy)",
+                &vecs[t.len()..2 * t.len()],
+                &r,
+                0.99999,
+                1e-4,
+            );
+            let per: usize = r.sentences.iter().map(|s| s.token_count).sum();
+            assert_eq!(count as usize, 2 * per + 16, "usage over passes");
+        }
         for (i, text) in b.iter().enumerate() {
             if *text == probe {
                 let d = max_abs(&vecs[i], &alone[0]);
