@@ -400,3 +400,22 @@ fn tokenizer_larger_than_the_vocabulary_is_refused() {
     let e = load_err(&d.0);
     assert!(e.contains("tokenizer.json") && e.contains("100"), "{e}");
 }
+
+#[test]
+fn model_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<BertModel>();
+    // And concurrent calls give the same vectors as one call.
+    let model = BertModel::load(&root().join("fixtures/registry/tiny-bert")).unwrap();
+    let r = reference("tiny-bert");
+    let t = texts(&r);
+    let (want, _) = model.embed(&t).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| model.embed(&t).unwrap().0))
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), want);
+        }
+    });
+}

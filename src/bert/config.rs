@@ -107,7 +107,7 @@ impl BertConfig {
             type_vocab_size: usize_field("type_vocab_size", 2)?,
             layer_norm_eps: eps,
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(bad(
                 "hidden_size",
                 &format!(
