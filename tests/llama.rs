@@ -81,14 +81,17 @@ fn argmax(x: &[f32]) -> u32 {
 /// Both sides compute in f32 from the same stored weights (transformers upcasts them), so for
 /// f32 and f16 weights the only differences are accumulation order and the 6 significant digits
 /// the reference keeps: per-element relative error ~1e-6 at most, i.e. NMSE ~1e-12..1e-9 after a
-/// few layers; 1e-6 leaves margin and is still six orders below a wrong model (NMSE ~1).
+/// few layers (measured: 3e-12..6e-12); 1e-6 leaves margin and is still six orders below a wrong
+/// model (NMSE ~1).
 /// For bf16 weights the kernels' matmul may round activations to bf16 for AVX-512 BF16 dot
 /// products (prefill only; the decode matvec stays f32, but decode steps read the K/V the
-/// prefill wrote): relative error ~2^-9 per rounded input, NMSE ~(2^-9)²/3 ≈ 1.3e-6 per product,
-/// compounded over the layers and the logit projection; 1e-4 bounds that.
+/// prefill wrote): relative error up to 2^-9 per rounded input, NMSE ~(2^-9)²/3 ≈ 1.3e-6 per
+/// product, about eight rounded products per layer, amplified by the fixtures' random weights
+/// (scaled for clear greedy margins): measured up to 6e-5 (llama-mqa-bf16); 1e-3 bounds that and
+/// stays three orders below a wrong model. With f32 activations bf16 models measure ~4e-12 too.
 fn nmse_bound(dtype: &str) -> f64 {
     match dtype {
-        "bfloat16" => 1e-4,
+        "bfloat16" => 1e-3,
         _ => 1e-6,
     }
 }
