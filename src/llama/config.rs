@@ -69,8 +69,8 @@ impl LlamaConfig {
         let f = Fields { o, origin };
 
         if let Some(mt) = f.str_opt("model_type")? {
-            // Mistral-style models without sliding windows share the architecture; others do not.
-            if mt != "llama" && mt != "mistral" {
+            // Other families (Mistral's sliding window, Qwen's biases, ...) compute differently.
+            if mt != "llama" {
                 return Err(Error::runtime(format!(
                     "{origin}: model_type {mt:?} is not a Llama-architecture model"
                 )));
@@ -536,6 +536,8 @@ mod tests {
         assert!(e.contains("num_hidden_layers"), "{e}");
         let e = err_of(&V4.replace("\"vocab_size\": 32000", "\"vocab_size\": \"big\""));
         assert!(e.contains("vocab_size"), "{e}");
+        let e = err_of(&V4.replace("\"llama\"", "\"gemma\""));
+        assert!(e.contains("\"gemma\""), "{e}");
         let e = err_of("{not json");
         assert!(e.contains("/m/config.json") && e.contains("JSON"), "{e}");
         let e = err_of(&V5.replace("\"factor\": 8.0,", ""));
