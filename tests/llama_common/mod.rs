@@ -108,8 +108,13 @@ pub fn check_all_fixtures(bound: impl Fn(&str) -> f64) -> Vec<String> {
             let mut state = model.new_state(prompt_ids.len() + n_new);
             let mut got = Vec::new();
             let mut logits = model.forward(&mut state, &prompt_ids).unwrap().to_vec();
-            for step in 0..want.len() {
-                let e = nmse(&logits, &ref_logits[step]);
+            assert_eq!(
+                ref_logits.len(),
+                want.len(),
+                "{what}: one logits row per id"
+            );
+            for (step, ref_step) in ref_logits.iter().enumerate() {
+                let e = nmse(&logits, ref_step);
                 assert!(e < bound, "{what}: step {step} NMSE {e:e} > {bound:e}");
                 if step == 0 {
                     worst_prefill = worst_prefill.max(e);
