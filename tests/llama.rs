@@ -276,3 +276,13 @@ fn model_is_shareable_across_threads() {
         .collect();
     assert_eq!(runs[0], runs[1]);
 }
+
+#[test]
+fn decode_of_unknown_ids_does_not_panic() {
+    let model = LlamaModel::load(&model_dir("tiny-llama")).unwrap();
+    // Ids past the tokenizer's vocabulary have no text: either skipped or a clear error.
+    match model.decode(&[300, 99_999, 301]) {
+        Ok(text) => assert_eq!(text, model.decode(&[300, 301]).unwrap()),
+        Err(e) => assert!(matches!(e, Error::RuntimeError(_)), "{e:?}"),
+    }
+}
