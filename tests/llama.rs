@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 /// products (prefill only; the decode matvec stays f32, but decode steps read the K/V the
 /// prefill wrote): relative error up to 2^-9 per rounded input, NMSE ~(2^-9)²/3 ≈ 1.3e-6 per
 /// product, about eight rounded products per layer, amplified by the fixtures' random weights
-/// (scaled for clear greedy margins): measured up to 6e-5 (llama-mqa-bf16); 1e-3 bounds that and
-/// stays three orders below a wrong model. With f32 activations bf16 models measure ~4e-12 too.
+/// (scaled for clear greedy margins): measured here up to 7e-5; fixtures/check_llama_bf16_rounding.py
+/// rounds every linear input to bf16 in transformers and finds at most 1.9e-4 (llama-mqa-bf16)
+/// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. With f32
+/// activations bf16 models measure ~4e-12 too (tests/llama_exact.rs).
 fn nmse_bound(dtype: &str) -> f64 {
     let k = spinfer::kernels::kernels();
     let bf16_dot = k.has_bf16_dot() && spinfer::kernels::bf16_dot_enabled();
