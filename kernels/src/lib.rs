@@ -94,6 +94,16 @@ impl Isa {
         }
     }
 
+    /// f32 lanes in one of the tier's vectors.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 | Isa::Portable => 8,
+            Isa::Neon => 4,
+            Isa::Scalar => 1,
+        }
+    }
+
     pub fn from_name(s: &str) -> Option<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == s)
     }
@@ -253,19 +263,24 @@ pub enum Precision {
 /// 0: not yet read from the environment, 1: on, 2: off.
 static BF16_DOT: AtomicU8 = AtomicU8::new(0);
 
-/// Whether `matmul` uses the bf16 dot-product path for bf16 weights (default on; the
-/// environment variable `SPINFER_BF16_DOT=0` turns it off).
+/// Whether `matmul` uses the bf16 dot-product path for bf16 weights by default.
+///
+/// `SPINFER_BF16_DOT=1`/`0` decides; otherwise it is on only where the CPU's bf16 dot product
+/// is measured (once, ~2 ms) to run at ≥ 1.3× its f32 FMA FLOP rate — true on Zen 4, false on
+/// Sapphire Rapids, whose `vdpbf16ps` runs at about half the FMA rate (measured here: ~40 vs
+/// ~80 GFLOP/s per core), so there the exact f32 path is both faster and exact.
 pub fn bf16_dot_enabled() -> bool {
     match BF16_DOT.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => {
-            let off = matches!(
-                std::env::var("SPINFER_BF16_DOT").as_deref(),
-                Ok("0") | Ok("off") | Ok("false")
-            );
-            BF16_DOT.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
+            let on = match std::env::var("SPINFER_BF16_DOT").as_deref() {
+                Ok("0") | Ok("off") | Ok("false") => false,
+                Ok("1") | Ok("on") | Ok("true") => true,
+                _ => try_kernels().map(|k| k.bf16_dot_pays()).unwrap_or(false),
+            };
+            BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
         }
     }
 }
@@ -354,6 +369,26 @@ impl Kernels {
         self.t.matmul_bf16.is_some()
     }
 
+    /// Whether the bf16 dot product outruns f32 FMA by ≥ 1.3× in FLOP/s on this CPU (best of
+    /// three short single-thread runs of each; ~2 ms).
+    fn bf16_dot_pays(&self) -> bool {
+        let Some(bf) = self.t.bf16_burn else {
+            return false;
+        };
+        let best = |f: fn(usize) -> f32| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f(20_000));
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let fma_flops = 12.0 * self.isa.lanes() as f64 * 2.0 / best(self.t.burn);
+        let bf_flops = 12.0 * 64.0 / best(bf);
+        bf_flops >= 1.3 * fma_flops
+    }
+
     /// y = W x with W `(y.len(), x.len())` row-major. Rows are split over the thread pool
     /// when the product is big enough to pay for it.
     pub fn matvec(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
@@ -377,7 +412,7 @@ impl Kernels {
     }
 
     /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses
-    /// [`Precision::Bf16Dot`] where available unless turned off ([`set_bf16_dot`]).
+    /// [`Precision::Bf16Dot`] where [`bf16_dot_enabled`] says so.
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
         let p = if bf16_dot_enabled() {
             Precision::Bf16Dot

@@ -71,13 +71,7 @@ fn peak(threads: usize, f: fn(usize) -> f32, flop_per_iter: f64) -> f64 {
 /// f32 FMA peak in GFLOP/s of the active tier on `threads` threads (one FMA = 2 FLOP).
 pub fn measure_fma_peak_gflops(threads: usize) -> f64 {
     let k = crate::kernels();
-    let lanes = match k.isa() {
-        crate::Isa::Avx512 => 16.0,
-        crate::Isa::Avx2 | crate::Isa::Portable => 8.0,
-        crate::Isa::Neon => 4.0,
-        crate::Isa::Scalar => 1.0,
-    };
-    peak(threads, k.t.burn, 12.0 * lanes * 2.0)
+    peak(threads, k.t.burn, 12.0 * k.isa().lanes() as f64 * 2.0)
 }
 
 /// AVX-512 BF16 dot-product peak in GFLOP/s on `threads` threads (one `vdpbf16ps` = 64 FLOP),

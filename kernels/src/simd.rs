@@ -190,9 +190,10 @@ pub(crate) struct MatmulJob<'a> {
 // (see `Kernels::matmul`), and the borrowed slices are read-only.
 unsafe impl Sync for MatmulJob<'_> {}
 
-/// K-block: an X tile (T rows × KC f32) stays in L1 while W rows stream from L2.
-pub(crate) const KC: usize = 512;
-/// M-block: the packed f32 W block (MC × KC) stays in L2.
+/// K-block: an X tile (6 rows × KC f32 = 24 KiB) stays in L1 while W rows stream from L2;
+/// long enough that the per-tile horizontal sums (24 reductions) cost little.
+pub(crate) const KC: usize = 1024;
+/// M-block: the packed f32 W block (MC × KC = 256 KiB) stays in L2.
 pub(crate) const MC: usize = 64;
 
 thread_local! {
@@ -327,29 +328,34 @@ unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
         return matmul_direct::<S, E, RT, TT>(s, job, w, r0, r1);
     }
     let k = job.k;
-    PACK.with(|p| {
+    // Take the scratch pointer out of the closure: code inside a closure would not inherit the
+    // caller's target features (the kernels would compile to intrinsic calls).
+    let pk = PACK.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < MC * KC {
             p.resize(MC * KC, 0.0);
         }
-        let pk = p.as_mut_ptr();
-        let mut kb = 0;
-        while kb < k.max(1) {
-            let kc = KC.min(k - kb);
-            let mut rb = r0;
-            while rb < r1 {
-                let rows = MC.min(r1 - rb);
-                for r in 0..rows {
-                    let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
-                    let dst = std::slice::from_raw_parts_mut(pk.add(r * kc), kc);
-                    widen(s, src, dst);
-                }
-                block::<S, f32, RT, TT>(s, job, pk, kc, rows, rb, kb, kc);
-                rb += rows;
-            }
-            kb += KC;
-        }
+        p.as_mut_ptr()
     });
+    // SAFETY: `pk` points into this thread's PACK buffer (MC·KC floats), which lives as long as
+    // the thread and is not touched by anything else while this call runs (no re-entry: nothing
+    // below yields to the thread pool).
+    let mut kb = 0;
+    while kb < k.max(1) {
+        let kc = KC.min(k - kb);
+        let mut rb = r0;
+        while rb < r1 {
+            let rows = MC.min(r1 - rb);
+            for r in 0..rows {
+                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
+                let dst = std::slice::from_raw_parts_mut(pk.add(r * kc), kc);
+                widen(s, src, dst);
+            }
+            block::<S, f32, RT, TT>(s, job, pk, kc, rows, rb, kb, kc);
+            rb += rows;
+        }
+        kb += KC;
+    }
 }
 
 #[inline(always)]

@@ -457,3 +457,24 @@ fn rope_and_to_f32() {
         }
     }
 }
+
+/// `matmul` follows the global choice: with the bf16 dot path switched off it is bit-identical
+/// to `Precision::Exact` (the only test that touches the global switch).
+#[test]
+fn matmul_default_follows_switch() {
+    let mut rng = Rng(8);
+    let (n, m, kk) = (5, 40, 70);
+    let w = W::new(&mut rng, m * kk);
+    let x = rng.vec(n * kk, 1.0);
+    spinfer_kernels::set_bf16_dot(false);
+    assert!(!spinfer_kernels::bf16_dot_enabled());
+    for k in tiers() {
+        for wt in w.all(0) {
+            let mut a = vec![0f32; n * m];
+            let mut b = vec![0f32; n * m];
+            k.matmul(wt, &x, n, &mut a);
+            k.matmul_with(Precision::Exact, wt, &x, n, &mut b);
+            assert_eq!(a, b, "{}", k.isa());
+        }
+    }
+}
