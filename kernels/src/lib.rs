@@ -5,6 +5,10 @@
 //! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
 
+// Index loops over const-sized tiles unroll predictably in SIMD code; the tile routines take
+// many plain arguments on purpose.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
 pub use half::{bf16, f16};
 
 pub mod probe;
@@ -160,6 +164,7 @@ impl fmt::Display for IsaError {
 impl std::error::Error for IsaError {}
 
 /// The per-tier single-threaded building blocks. Threading and shape checks live in `Kernels`.
+#[allow(clippy::type_complexity)]
 pub(crate) struct Table {
     pub dot: fn(Weights<'_>, &[f32]) -> f32,
     /// y = W x for the rows W holds.
@@ -523,7 +528,7 @@ impl Kernels {
 
     /// Rotate-half RoPE on `x` = (n_heads, head_dim) with per-position `cos`, `sin` of length head_dim/2.
     pub fn rope(&self, x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-        assert!(head_dim % 2 == 0 && x.len() % head_dim == 0);
+        assert!(head_dim > 0 && head_dim.is_multiple_of(2) && x.len().is_multiple_of(head_dim));
         assert!(cos.len() == head_dim / 2 && sin.len() == head_dim / 2);
         (self.t.rope)(x, head_dim, cos, sin)
     }

@@ -386,6 +386,7 @@ pub(crate) unsafe fn to_f32<S: Simd>(s: S, w: Weights<'_>, out: &mut [f32]) {
 /// e^x, Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp.
 /// Inputs below -87.3 give 0 (so masked scores of -inf vanish exactly).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // constants as published (Cephes expf)
 pub(crate) unsafe fn exp<S: Simd>(s: S, x: S::V) -> S::V {
     let lo = s.splat(-87.33654);
     let xc = s.min(s.max(x, lo), s.splat(88.72283));
@@ -406,6 +407,7 @@ pub(crate) unsafe fn exp<S: Simd>(s: S, x: S::V) -> S::V {
 
 /// erfc(z) for z >= 0 (Numerical Recipes `erfcc`, fractional error < 1.2e-7 everywhere).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // coefficients as published (Numerical Recipes)
 unsafe fn erfc_pos<S: Simd>(s: S, z: S::V) -> S::V {
     let one = s.splat(1.0);
     let t = s.div(one, s.fma(s.splat(0.5), z, one));

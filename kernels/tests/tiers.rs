@@ -314,6 +314,7 @@ fn lengths() -> Vec<usize> {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn elementwise_ops() {
     let mut rng = Rng(6);
     for len in lengths() {
@@ -376,8 +377,8 @@ fn softmax_masked_entries_are_exactly_zero() {
                 x[i] = f32::NEG_INFINITY;
             }
             k.softmax(&mut x);
-            for i in 0..len {
-                assert_eq!(x[i] == 0.0, i % 3 == 0, "{} {len} {i}: {}", k.isa(), x[i]);
+            for (i, v) in x.iter().enumerate() {
+                assert_eq!(*v == 0.0, i % 3 == 0, "{} {len} {i}: {v}", k.isa());
             }
             let s: f32 = x.iter().sum();
             assert!((s - 1.0).abs() < 1e-5);
