@@ -80,3 +80,18 @@ pub fn measure_bf16_peak_gflops(threads: usize) -> Option<f64> {
     let f = crate::kernels().t.bf16_burn?;
     Some(peak(threads, f, 12.0 * 64.0))
 }
+
+/// Run `iters` rounds of the active tier's FMA burn loop on this thread; returns the FLOPs done
+/// (for callers that time it themselves, e.g. per on-CPU second on a shared machine).
+pub fn run_fma_burn(iters: usize) -> f64 {
+    let k = crate::kernels();
+    std::hint::black_box((k.t.burn)(iters));
+    12.0 * k.isa().lanes() as f64 * 2.0 * iters as f64
+}
+
+/// As [`run_fma_burn`] for the bf16 dot-product loop; None where the tier has none.
+pub fn run_bf16_burn(iters: usize) -> Option<f64> {
+    let f = crate::kernels().t.bf16_burn?;
+    std::hint::black_box(f(iters));
+    Some(12.0 * 64.0 * iters as f64)
+}
