@@ -190,10 +190,10 @@ pub(crate) struct MatmulJob<'a> {
 // (see `Kernels::matmul`), and the borrowed slices are read-only.
 unsafe impl Sync for MatmulJob<'_> {}
 
-/// K-block: an X tile (6 rows × KC f32 = 24 KiB) stays in L1 while W rows stream from L2;
-/// long enough that the per-tile horizontal sums (24 reductions) cost little.
-pub(crate) const KC: usize = 1024;
-/// M-block: the packed f32 W block (MC × KC = 256 KiB) stays in L2.
+/// K-block: the X tile (TT rows × KC f32; 24 KiB for AVX-512's 12 tokens) must stay in L1
+/// while W rows stream past it from L2, or every FMA waits on L2 for both operands.
+pub(crate) const KC: usize = 512;
+/// M-block: the packed f32 W block (MC × KC = 128 KiB) stays in L2.
 pub(crate) const MC: usize = 64;
 
 thread_local! {
@@ -225,6 +225,7 @@ unsafe fn put<const R: usize, const T: usize>(
 
 /// Y[:, r0..r1] for weight rows `wb` (pointers to rows of `E` with row stride `ws`, already
 /// offset to the current k-block `kb..kb+kc`) over all tokens. Tiles of RT rows × TT tokens.
+/// With `xt` non-null each full token tile is first copied there with a padded row stride.
 #[inline(always)]
 unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     s: S,
@@ -235,38 +236,50 @@ unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     rbase: usize,
     kb: usize,
     kc: usize,
+    xt: *mut f32,
 ) {
     let (n, k, m, y) = (job.n, job.k, job.m, job.y);
     let xp = job.x.as_ptr().add(kb);
     let first = kb == 0;
+    let xts = kc + PAD;
     let mut t = 0;
     while t < n {
         let tt = TT.min(n - t);
+        // The X tile: rows at stride k (or, packed, at the padded stride xts).
+        let (xb, xs) = if !xt.is_null() {
+            for i in 0..tt {
+                let src = std::slice::from_raw_parts(xp.add((t + i) * k), kc);
+                widen(s, src, std::slice::from_raw_parts_mut(xt.add(i * xts), kc));
+            }
+            (xt as *const f32, xts)
+        } else {
+            (xp.add(t * k), k)
+        };
+        // Edge tiles run the full tile with missing rows/tokens pointing at row 0 and their
+        // results dropped: a 1×1 fallback would be bound by FMA latency (one chain).
+        let mut x = [xb; TT];
+        for i in 0..tt {
+            x[i] = xb.add(i * xs);
+        }
         let mut r = 0;
         while r < rows {
             let rr = RT.min(rows - r);
+            let mut w = [wb.add(r * ws); RT];
+            for i in 0..rr {
+                w[i] = wb.add((r + i) * ws);
+            }
+            let o = tile::<S, E, RT, TT>(s, w, x, kc);
             if rr == RT && tt == TT {
-                let mut w = [wb; RT];
-                for i in 0..RT {
-                    w[i] = wb.add((r + i) * ws);
-                }
-                let mut x = [xp; TT];
-                for i in 0..TT {
-                    x[i] = xp.add((t + i) * k);
-                }
-                let o = tile::<S, E, RT, TT>(s, w, x, kc);
                 put(y, m, t, rbase + r, &o, first);
             } else {
-                // Edges: one row × one token at a time.
-                for i in 0..rr {
-                    for j in 0..tt {
-                        let o = tile::<S, E, 1, 1>(
-                            s,
-                            [wb.add((r + i) * ws)],
-                            [xp.add((t + j) * k)],
-                            kc,
-                        );
-                        put(y, m, t + j, rbase + r + i, &o, first);
+                for j in 0..tt {
+                    let row = y.add((t + j) * m + rbase + r);
+                    for i in 0..rr {
+                        if first {
+                            *row.add(i) = o[j][i];
+                        } else {
+                            *row.add(i) += o[j][i];
+                        }
                     }
                 }
             }
@@ -276,8 +289,8 @@ unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     }
 }
 
-/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Half-precision weights are
-/// widened once per (MC × KC) block into a per-thread scratch and reused by every token.
+/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Weights are widened/copied once
+/// per (MC × KC) block into a per-thread scratch and reused by every token.
 #[inline(always)]
 pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
     s: S,
@@ -286,11 +299,16 @@ pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
     r1: usize,
 ) {
     match job.w {
-        Weights::F32(w) => matmul_direct::<S, f32, RT, TT>(s, job, w, r0, r1),
+        Weights::F32(w) => matmul_packed::<S, f32, RT, TT>(s, job, w, r0, r1),
         Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
         Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
     }
 }
+
+/// Padding (floats) added to packed row strides. Rows of 1024 or 2048 floats are a multiple
+/// of 4 KiB apart, so every row of a tile would map to the same L1 set and evict each other;
+/// 16 floats (one line) shifts each row to the next set.
+const PAD: usize = 16;
 
 #[inline(always)]
 unsafe fn matmul_direct<S: Simd, E: Elem, const RT: usize, const TT: usize>(
@@ -308,7 +326,7 @@ unsafe fn matmul_direct<S: Simd, E: Elem, const RT: usize, const TT: usize>(
         while rb < r1 {
             let rows = MC.min(r1 - rb);
             let wb = w.as_ptr().add(rb * k + kb);
-            block::<S, E, RT, TT>(s, job, wb, k, rows, rb, kb, kc);
+            block::<S, E, RT, TT>(s, job, wb, k, rows, rb, kb, kc, std::ptr::null_mut());
             rb += rows;
         }
         kb += KC;
@@ -323,35 +341,39 @@ unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     r0: usize,
     r1: usize,
 ) {
-    // Too few tokens to amortise widening: read the stored dtype directly.
+    // Too few tokens to amortise packing: read the stored dtype directly.
     if job.n < 4 {
         return matmul_direct::<S, E, RT, TT>(s, job, w, r0, r1);
     }
     let k = job.k;
+    // W block (MC rows) then one X tile (≤ 16 rows), both at the padded stride KC + PAD.
+    let need = (MC + 16) * (KC + PAD);
     // Take the scratch pointer out of the closure: code inside a closure would not inherit the
     // caller's target features (the kernels would compile to intrinsic calls).
     let pk = PACK.with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() < MC * KC {
-            p.resize(MC * KC, 0.0);
+        if p.len() < need {
+            p.resize(need, 0.0);
         }
         p.as_mut_ptr()
     });
-    // SAFETY: `pk` points into this thread's PACK buffer (MC·KC floats), which lives as long as
-    // the thread and is not touched by anything else while this call runs (no re-entry: nothing
-    // below yields to the thread pool).
+    // SAFETY: `pk` points into this thread's PACK buffer (`need` floats), which lives as long
+    // as the thread and is not touched by anything else while this call runs (no re-entry:
+    // nothing below yields to the thread pool).
     let mut kb = 0;
     while kb < k.max(1) {
         let kc = KC.min(k - kb);
+        let ps = kc + PAD;
+        let xt = pk.add(MC * ps);
         let mut rb = r0;
         while rb < r1 {
             let rows = MC.min(r1 - rb);
             for r in 0..rows {
                 let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
-                let dst = std::slice::from_raw_parts_mut(pk.add(r * kc), kc);
+                let dst = std::slice::from_raw_parts_mut(pk.add(r * ps), kc);
                 widen(s, src, dst);
             }
-            block::<S, f32, RT, TT>(s, job, pk, kc, rows, rb, kb, kc);
+            block::<S, f32, RT, TT>(s, job, pk, ps, rows, rb, kb, kc, xt);
             rb += rows;
         }
         kb += KC;

@@ -102,8 +102,8 @@ mod plain {
         TABLE,
         Avx512,
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        4,
-        6,
+        2,
+        12,
         None,
         None
     );
@@ -115,8 +115,8 @@ mod with_bf16 {
         TABLE,
         Avx512,
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        4,
-        6,
+        2,
+        12,
         Some(crate::Bf16Mm {
             cvt: |x, o| unsafe { bf16dot::cvt(x, o) },
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
