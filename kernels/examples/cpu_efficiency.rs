@@ -68,7 +68,12 @@ fn main() {
         );
     }
     // Cache-resident shapes: how fast the tile kernel runs when memory is not in the way.
-    for (n, m, kk) in [(24usize, 16usize, 256usize), (120, 16, 1024), (120, 64, 1024), (24, 256, 1024)] {
+    for (n, m, kk) in [
+        (24usize, 16usize, 256usize),
+        (120, 16, 1024),
+        (120, 64, 1024),
+        (24, 256, 1024),
+    ] {
         let mut y = vec![0f32; n * m];
         let s = per_cpu_second(2000, || {
             k.matmul_with(

@@ -173,6 +173,8 @@ pub(crate) struct Table {
     pub matmul: fn(&MatmulJob<'_>, usize, usize),
     /// The bf16 × bf16 dot-product matmul, where the CPU has one.
     pub matmul_bf16: Option<Bf16Mm>,
+    /// Tokens per packed X group of the outer-product matmul (0: the tier has none).
+    pub op_width: usize,
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub layernorm: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
@@ -224,6 +226,7 @@ static SCALAR: Table = Table {
     matvec: scalar::matvec,
     matmul: scalar_matmul_rows,
     matmul_bf16: None,
+    op_width: 0,
     rmsnorm: scalar::rmsnorm,
     layernorm: scalar::layernorm,
     softmax: scalar::softmax,
@@ -301,6 +304,8 @@ const PAR_MIN: usize = 1 << 16;
 thread_local! {
     /// X rounded to bf16 for the dot-product path; grows to the largest (n, k) seen.
     static XB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// X packed for the outer-product path; grows to the largest (n, k) seen.
+    static XP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The kernels of one tier. Obtain with [`kernels`] (the active tier) or [`Kernels::for_isa`].
@@ -452,10 +457,35 @@ impl Kernels {
             _ => None,
         };
         let Some(bf) = bf else {
+            let tw = self.t.op_width;
+            // Enough tokens to fill most of a packed group: outer products; else dot tiles.
+            if tw > 0 && 2 * n >= tw && k > 0 {
+                let mut go = |xp: &mut Vec<f32>| {
+                    xp.resize(n.div_ceil(tw) * k * tw, 0.0);
+                    simd::pack_x(x, n, k, tw, xp);
+                    let job = MatmulJob {
+                        w,
+                        x,
+                        xb: &[],
+                        xp,
+                        n,
+                        k,
+                        m,
+                        y: y.as_mut_ptr(),
+                    };
+                    self.run_matmul(self.t.matmul, &job);
+                };
+                // A nested call on this thread (from a parallel section) gets its own buffer.
+                return XP.with(|c| match c.try_borrow_mut() {
+                    Ok(mut xp) => go(&mut xp),
+                    Err(_) => go(&mut Vec::new()),
+                });
+            }
             let job = MatmulJob {
                 w,
                 x,
                 xb: &[],
+                xp: &[],
                 n,
                 k,
                 m,
@@ -470,6 +500,7 @@ impl Kernels {
                 w,
                 x,
                 xb,
+                xp: &[],
                 n,
                 k,
                 m,

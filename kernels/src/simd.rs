@@ -181,6 +181,8 @@ pub(crate) struct MatmulJob<'a> {
     pub x: &'a [f32],
     /// X rounded to bf16 (n, k), for the AVX-512 BF16 path only.
     pub xb: &'a [u16],
+    /// X packed for the outer-product path ([`pack_x`]); empty for the dot-product path.
+    pub xp: &'a [f32],
     pub n: usize,
     pub k: usize,
     pub m: usize,
@@ -377,6 +379,158 @@ unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
             rb += rows;
         }
         kb += KC;
+    }
+}
+
+/// X (n, k) packed for the outer-product matmul: groups of `tw` tokens, each `[k][tw]`
+/// (token index fastest), zero-padded to whole groups. `xp.len()` = n.div_ceil(tw)·k·tw.
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, tw: usize, xp: &mut [f32]) {
+    use rayon::prelude::*;
+    xp.par_chunks_mut((k * tw).max(1))
+        .enumerate()
+        .for_each(|(g, panel)| {
+            for j in 0..tw {
+                let t = g * tw + j;
+                if t < n {
+                    let row = &x[t * k..(t + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * tw + j] = v;
+                    }
+                } else {
+                    for kk in 0..k {
+                        panel[kk * tw + j] = 0.0;
+                    }
+                }
+            }
+        });
+}
+
+thread_local! {
+    /// Per-thread scratch of the outer-product path: a widened W block and the Yᵀ partial sums.
+    static OP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Y[:, r0..r1] by outer products: per k step, NV vectors of packed X (NV·N tokens) times MR
+/// broadcast weights accumulate into MR×NV registers. Each FMA needs no fresh cache line from
+/// L2 (X panel and W tile rows are read sequentially) and no horizontal sums, unlike the
+/// dot-product tiles; W is widened once per (block × KC) and reused by every token group.
+#[inline(always)]
+pub(crate) unsafe fn matmul_op<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    r0: usize,
+    r1: usize,
+) {
+    match job.w {
+        Weights::F32(w) => op::<S, f32, MR, NV>(s, job, w, r0, r1),
+        Weights::F16(w) => op::<S, f16, MR, NV>(s, job, w, r0, r1),
+        Weights::Bf16(w) => op::<S, bf16, MR, NV>(s, job, w, r0, r1),
+    }
+}
+
+#[inline(always)]
+unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    w: &[E],
+    r0: usize,
+    r1: usize,
+) {
+    let tw = NV * S::N;
+    let (n, k, m, y) = (job.n, job.k, job.m, job.y);
+    let ng = n.div_ceil(tw);
+    let ytw = ng * tw;
+    let mcb = MR * (MC / MR).max(1); // rows per block, a multiple of MR
+    let ws = KC + PAD;
+    let need = mcb * ws + mcb * ytw;
+    // Pointer taken out of the closure (closures do not inherit target features).
+    let buf = OP.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < need {
+            p.resize(need, 0.0);
+        }
+        p.as_mut_ptr()
+    });
+    // SAFETY: `buf` is this thread's OP scratch (`need` floats), alive for the thread and not
+    // used by anything else during this call (nothing below yields to the pool).
+    let (wp, yt) = (buf, buf.add(mcb * ws));
+    let mut rb = r0;
+    while rb < r1 {
+        let rows = mcb.min(r1 - rb);
+        let rpad = rows.next_multiple_of(MR);
+        std::ptr::write_bytes(yt, 0, rpad * ytw);
+        let mut kb = 0;
+        while kb < k {
+            let kc = KC.min(k - kb);
+            for i in 0..rows {
+                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k + kb), kc);
+                widen(s, src, std::slice::from_raw_parts_mut(wp.add(i * ws), kc));
+            }
+            for i in rows..rpad {
+                std::ptr::write_bytes(wp.add(i * ws), 0, kc);
+            }
+            for g in 0..ng {
+                let xg = job.xp.as_ptr().add(g * k * tw + kb * tw);
+                let mut rt = 0;
+                while rt < rpad {
+                    op_tile::<S, MR, NV>(
+                        s,
+                        wp.add(rt * ws),
+                        ws,
+                        kc,
+                        xg,
+                        tw,
+                        yt.add(rt * ytw + g * tw),
+                        ytw,
+                    );
+                    rt += MR;
+                }
+            }
+            kb += KC;
+        }
+        for i in 0..rows {
+            for t in 0..n {
+                *y.add(t * m + rb + i) = *yt.add(i * ytw + t);
+            }
+        }
+        rb += rows;
+    }
+}
+
+#[inline(always)]
+unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    wp: *const f32,
+    ws: usize,
+    kc: usize,
+    xg: *const f32,
+    tw: usize,
+    yt: *mut f32,
+    ytw: usize,
+) {
+    let n = S::N;
+    let mut acc = [[s.splat(0.0); NV]; MR];
+    for r in 0..MR {
+        for v in 0..NV {
+            acc[r][v] = s.load(yt.add(r * ytw + v * n));
+        }
+    }
+    for kk in 0..kc {
+        let mut xv = [s.splat(0.0); NV];
+        for v in 0..NV {
+            xv[v] = s.load(xg.add(kk * tw + v * n));
+        }
+        for r in 0..MR {
+            let b = s.splat(*wp.add(r * ws + kk));
+            for v in 0..NV {
+                acc[r][v] = s.fma(b, xv[v], acc[r][v]);
+            }
+        }
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            s.store(yt.add(r * ytw + v * n), acc[r][v]);
+        }
     }
 }
 
@@ -745,9 +899,10 @@ pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
 
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
-/// `$S` the tier's [`Simd`] token; `$rt`/`$tt` the matmul tile (weight rows × tokens).
+/// `$S` the tier's [`Simd`] token (a unit struct); `$rt`/`$tt` the dot-product matmul tile
+/// (weight rows × tokens); `$mr`/`$nv` the outer-product tile (weight rows × token vectors).
 macro_rules! tier_table {
-    ($name:ident, $S:expr, $attr:meta, $rt:literal, $tt:literal, $bf16mm:expr, $bf16burn:expr) => {
+    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $bf16mm:expr, $bf16burn:expr) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by
@@ -762,7 +917,11 @@ macro_rules! tier_table {
         }
         #[$attr]
         unsafe fn matmul_(j: &g::MatmulJob<'_>, r0: usize, r1: usize) {
-            g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
+            if j.xp.is_empty() {
+                g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
+            } else {
+                g::matmul_op::<_, $mr, $nv>($S, j, r0, r1)
+            }
         }
         #[$attr]
         unsafe fn rmsnorm_(x: &[f32], w: &[f32], e: f32, o: &mut [f32]) {
@@ -818,6 +977,7 @@ macro_rules! tier_table {
             matvec: |w, x, y| unsafe { matvec_(w, x, y) },
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,
+            op_width: $nv * <$S as g::Simd>::N,
             rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
             layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
             softmax: |x| unsafe { softmax_(x) },

@@ -104,6 +104,8 @@ mod plain {
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
         2,
         12,
+        12,
+        2,
         None,
         None
     );
@@ -117,6 +119,8 @@ mod with_bf16 {
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
         2,
         12,
+        12,
+        2,
         Some(crate::Bf16Mm {
             cvt: |x, o| unsafe { bf16dot::cvt(x, o) },
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
