@@ -389,18 +389,15 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, tw: usize, xp: &mut [f32]) {
     xp.par_chunks_mut((k * tw).max(1))
         .enumerate()
         .for_each(|(g, panel)| {
-            for j in 0..tw {
-                let t = g * tw + j;
-                if t < n {
-                    let row = &x[t * k..(t + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * tw + j] = v;
-                    }
-                } else {
-                    for kk in 0..k {
-                        panel[kk * tw + j] = 0.0;
-                    }
+            // k outer, tokens inner: sequential writes; the tw source rows' current cache lines
+            // stay in L1 across 16 consecutive k.
+            let live = tw.min(n - (g * tw).min(n));
+            let rows = &x[g * tw * k..(g * tw + live) * k];
+            for (kk, out) in panel.chunks_exact_mut(tw).enumerate() {
+                for (j, o) in out[..live].iter_mut().enumerate() {
+                    *o = rows[j * k + kk];
                 }
+                out[live..].fill(0.0);
             }
         });
 }
