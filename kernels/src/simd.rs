@@ -1,7 +1,14 @@
-//! One kernel body for every vector tier. Each tier implements [`Simd`] over its own register
-//! type; the `#[inline(always)]` bodies here are instantiated inside that tier's
-//! `#[target_feature]` wrappers (see `tier_table!`), so the intrinsics inline with the right
-//! features enabled. No closures in hot loops: they would not inherit the target features.
+//! One kernel body for every vector tier.
+//!
+//! Matrix products come in two forms. Dot-product tiles (`tile`: R weight rows × T tokens,
+//! reduced horizontally at the end) serve matvec and matmul with few tokens, reading the stored
+//! dtype directly. With at least half a panel of tokens, matmul packs X into panels of
+//! `NV·N` tokens and runs outer-product tiles (`op_tile`: MR broadcast weights × NV vectors of
+//! tokens), which keep every operand in L1 and need no horizontal sums — about twice as fast.
+//!
+//! Each tier implements [`Simd`] over its own register type; the `#[inline(always)]` bodies
+//! here are instantiated inside that tier's `#[target_feature]` wrappers (see `tier_table!`),
+//! so the intrinsics inline with the right features enabled. No closures in hot loops: they would not inherit the target features.
 
 use crate::{bf16, f16, Weights};
 
