@@ -265,6 +265,17 @@ impl Component<'_> {
             .infer_streaming(model, prompt, params, seed, on_text)
     }
 
+    pub fn infer_with_seed(
+        &self,
+        model: &str,
+        prompt: &str,
+        params: InferencingParams,
+        seed: u64,
+    ) -> Result<InferencingResult> {
+        self.check(model)?;
+        self.engine.infer_with_seed(model, prompt, params, seed)
+    }
+
     pub fn generate_embeddings<S: AsRef<str>>(
         &self,
         model: &str,
