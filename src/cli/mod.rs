@@ -25,12 +25,10 @@ pub const DEFAULT_REGISTRY: &str = ".spin/ai-models";
 /// 0: success; 1: the engine answered an error; 2: bad arguments.
 pub fn run(args: Vec<String>) -> i32 {
     let mut it = args.into_iter();
-    let Some(cmd) = it.next() else {
-        eprint!("{USAGE}");
-        return 2;
-    };
+    let cmd = it.next().unwrap_or_default();
     let rest: Vec<String> = it.collect();
     let outcome = match cmd.as_str() {
+        "" => Err(Failure::Usage("no command given".into(), USAGE)),
         "infer" => infer::run(rest),
         "embed" => embed::run(rest),
         // "bench" => bench::run(rest),
