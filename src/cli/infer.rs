@@ -89,13 +89,15 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
             Some(s) => component.infer_with_seed(&model, &prompt, params, s)?,
             None => component.infer_with_options(&model, &prompt, params)?,
         };
-        let out = serde_json::json!({
-            "text": r.text,
-            "usage": {
-                "prompt_token_count": r.usage.prompt_token_count,
-                "generated_token_count": r.usage.generated_token_count,
-            }
-        });
+        // Fields in the order the interface lists them.
+        let out = serde_json::to_string(&JsonResult {
+            text: &r.text,
+            usage: JsonUsage {
+                prompt_token_count: r.usage.prompt_token_count,
+                generated_token_count: r.usage.generated_token_count,
+            },
+        })
+        .map_err(|e| Failure::Io(format!("cannot serialise the result: {e}")))?;
         println!("{out}");
         return Ok(());
     }
@@ -117,6 +119,18 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     writeln!(out)
         .and_then(|_| out.flush())
         .map_err(|e| Failure::Io(format!("writing to stdout failed: {e}")))
+}
+
+#[derive(serde::Serialize)]
+struct JsonResult<'a> {
+    text: &'a str,
+    usage: JsonUsage,
+}
+
+#[derive(serde::Serialize)]
+struct JsonUsage {
+    prompt_token_count: u32,
+    generated_token_count: u32,
 }
 
 fn read_stdin_prompt() -> Result<String, Failure> {
