@@ -8,7 +8,8 @@ pub const USAGE: &str = "\
 Usage: spinfer infer --model NAME [options] [PROMPT]
 
 Generates a continuation of PROMPT (read from stdin when absent; one trailing newline is dropped)
-and streams it to stdout as it is produced, followed by a newline.
+and streams it to stdout as it is produced, followed by a newline. Put `--` before a prompt that
+starts with `-`. Errors go to stderr as `error: <spin-error-variant>: <message>` (exit 1).
 
 Options (defaults are Spin's):
   --model NAME                 model folder <registry>/llama/NAME (required)
