@@ -315,6 +315,18 @@ fn infer_json_and_streamed_output_match_the_reference() {
     let o = spinfer_in(&root(), &base, Some(&format!("{prompt}\n")));
     assert_eq!(stdout(&o), format!("{want}\n"));
 
+    // --max-tokens 0: empty text, the prompt still counted.
+    let mut args = base.to_vec();
+    args.extend(["--max-tokens", "0", "--json", prompt]);
+    let o = spinfer(&args);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["text"], "");
+    assert_eq!(v["usage"]["generated_token_count"], 0);
+    assert_eq!(
+        v["usage"]["prompt_token_count"],
+        p["prompt_ids"].as_array().unwrap().len()
+    );
+
     // With --allow listing the model it works as well.
     let mut args = base.to_vec();
     args.extend(["--allow", "tiny-llama", "--json", prompt]);

@@ -253,6 +253,34 @@ fn folders_that_are_not_bert_embedders_are_model_not_supported() {
     assert_eq!(engine.load_count(), 0);
 }
 
+#[test]
+fn a_failed_load_is_not_cached() {
+    if !registry().join("llama/tiny-llama/config.json").is_file() {
+        eprintln!("no tiny-llama fixture yet: skipped");
+        return;
+    }
+    // The folder exists but is empty: the load fails (naming the missing file) ...
+    let tmp = TempDir::new("failed-load");
+    let dir = tmp.path().join("llama/m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let engine = Engine::new(tmp.path());
+    match engine.infer_with_options("m", "hi", greedy(2)) {
+        Err(Error::RuntimeError(msg) | Error::InvalidInput(msg)) => {
+            assert!(msg.contains("config.json"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(engine.load_count(), 0);
+    // ... and once the files are there, the same engine loads it.
+    for e in std::fs::read_dir(registry().join("llama/tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let r = engine.infer_with_options("m", "hi", greedy(2)).unwrap();
+    assert_eq!(r.usage.generated_token_count, 2);
+    assert_eq!(engine.load_count(), 1);
+}
+
 // ---------------------------------------------------------------- validation
 
 #[test]
