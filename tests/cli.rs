@@ -412,8 +412,9 @@ fn embed_json_parses_and_matches_the_reference_count() {
         &std::fs::read(root().join("fixtures/reference/bert/tiny-bert.json")).unwrap(),
     )
     .unwrap();
-    let s0 = &r["sentences"][1];
-    let s1 = &r["sentences"][2];
+    // Two one-line texts (the stdin form reads one text per line).
+    let s0 = &r["sentences"][3];
+    let s1 = &r["sentences"][4];
     let t0 = s0["text"].as_str().unwrap();
     let t1 = s1["text"].as_str().unwrap();
     let reg_s = reg.to_str().unwrap();
