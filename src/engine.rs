@@ -309,8 +309,10 @@ pub fn check_model_name(name: &str) -> Result<()> {
     if name == "." {
         return bad("it names the registry folder itself");
     }
-    if name.contains(':') {
-        return bad("it contains ':' (a drive or stream prefix on some systems)");
+    // On Windows "C:x" is drive-relative and "x:y" names a stream; elsewhere ':' is ordinary
+    // (names like "llama3:8b" work).
+    if cfg!(windows) && name.contains(':') {
+        return bad("it contains ':' (a drive or stream prefix on Windows)");
     }
     let mut parts = Path::new(name).components();
     match (parts.next(), parts.next()) {
@@ -808,7 +810,6 @@ mod tests {
             "/etc",
             "..foo",
             "foo..",
-            "C:x",
             "llama/../x",
         ] {
             match check_model_name(bad) {
@@ -825,6 +826,8 @@ mod tests {
         ] {
             assert!(check_model_name(good).is_ok(), "{good}");
         }
+        assert_eq!(check_model_name("C:x").is_err(), cfg!(windows));
+        assert_eq!(check_model_name("llama3:8b").is_err(), cfg!(windows));
     }
 
     #[test]
