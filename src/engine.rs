@@ -425,6 +425,11 @@ pub(crate) fn generate_with<M: CausalLm>(
     let mut generated = 0usize;
 
     let mut logits = m.forward(&mut state, &prompt_ids)?;
+    if logits.is_empty() {
+        return Err(Error::runtime(format!(
+            "model '{model_name}' produced no logits (its vocabulary is empty)"
+        )));
+    }
     loop {
         let tok = sampler.sample(logits, &history);
         generated += 1;
