@@ -44,6 +44,10 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     }
     let model = model.ok_or_else(|| p.usage_error("--model NAME is required"))?;
     if texts.is_empty() {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            eprintln!("spinfer: reading texts from stdin, one per line (end with Ctrl-D)");
+        }
         for line in std::io::stdin().lock().lines() {
             let line =
                 line.map_err(|e| Failure::Io(format!("reading texts from stdin failed: {e}")))?;

@@ -135,6 +135,10 @@ struct JsonUsage {
 }
 
 fn read_stdin_prompt() -> Result<String, Failure> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("spinfer: reading the prompt from stdin (end it with Ctrl-D)");
+    }
     let mut s = String::new();
     std::io::stdin()
         .read_to_string(&mut s)
