@@ -1,6 +1,7 @@
 //! The `spinfer` command line: hand-written argument parsing and one function per subcommand
 //! (`infer`, `embed`; `bench` goes beside them as `bench.rs` with a line in [`run`]).
 
+mod bench;
 mod embed;
 mod infer;
 
@@ -13,9 +14,10 @@ spinfer: run Spin's Serverless AI calls (infer, generate-embeddings) on the CPU
 Usage:
   spinfer infer --model NAME [options] [PROMPT]     generate text (prompt from stdin if absent)
   spinfer embed --model NAME [options] [--] TEXT... embed texts (one per stdin line if absent)
+  spinfer bench --model NAME [options]              speed beside the machine's measured limits
   spinfer help | --help                             this message
 
-Run `spinfer infer --help` or `spinfer embed --help` for the options.
+Run `spinfer infer --help`, `spinfer embed --help` or `spinfer bench --help` for the options.
 ";
 
 /// Registry used when `--registry` is not given: Spin's location under the current directory.
@@ -31,7 +33,7 @@ pub fn run(args: Vec<String>) -> i32 {
         "" => Err(Failure::Usage("no command given".into(), USAGE)),
         "infer" => infer::run(rest),
         "embed" => embed::run(rest),
-        // "bench" => bench::run(rest),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             return 0;
