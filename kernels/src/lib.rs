@@ -458,8 +458,9 @@ impl Kernels {
         };
         let Some(bf) = bf else {
             let tw = self.t.op_width;
-            // Enough tokens to fill most of a packed group: outer products; else dot tiles.
-            if tw > 0 && 2 * n >= tw && k > 0 {
+            // At least half a vector of tokens: outer products (a last group of ≤ one vector
+            // runs one-vector tiles); else dot tiles.
+            if tw > 0 && 2 * n >= self.isa.lanes() && k > 0 {
                 let mut go = |xp: &mut Vec<f32>| {
                     xp.resize(n.div_ceil(tw) * k * tw, 0.0);
                     simd::pack_x(x, n, k, tw, xp);

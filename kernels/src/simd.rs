@@ -393,20 +393,26 @@ unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
 /// (token index fastest), zero-padded to whole groups. `xp.len()` = n.div_ceil(tw)·k·tw.
 pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, tw: usize, xp: &mut [f32]) {
     use rayon::prelude::*;
-    xp.par_chunks_mut((k * tw).max(1))
-        .enumerate()
-        .for_each(|(g, panel)| {
-            // k outer, tokens inner: sequential writes; the tw source rows' current cache lines
-            // stay in L1 across 16 consecutive k.
-            let live = tw.min(n - (g * tw).min(n));
-            let rows = &x[g * tw * k..(g * tw + live) * k];
-            for (kk, out) in panel.chunks_exact_mut(tw).enumerate() {
-                for (j, o) in out[..live].iter_mut().enumerate() {
-                    *o = rows[j * k + kk];
-                }
-                out[live..].fill(0.0);
+    let pack = |(g, panel): (usize, &mut [f32])| {
+        // k outer, tokens inner: sequential writes; the tw source rows' current cache lines
+        // stay in L1 across 16 consecutive k.
+        let live = tw.min(n - (g * tw).min(n));
+        let rows = &x[g * tw * k..(g * tw + live) * k];
+        for (kk, out) in panel.chunks_exact_mut(tw).enumerate() {
+            for (j, o) in out[..live].iter_mut().enumerate() {
+                *o = rows[j * k + kk];
             }
-        });
+            out[live..].fill(0.0);
+        }
+    };
+    // A fork/join costs more than packing a few panels.
+    if n * k < 1 << 17 {
+        xp.chunks_mut((k * tw).max(1)).enumerate().for_each(pack);
+    } else {
+        xp.par_chunks_mut((k * tw).max(1))
+            .enumerate()
+            .for_each(pack);
+    }
 }
 
 thread_local! {
@@ -446,7 +452,10 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     let ytw = ng * tw;
     let mcb = MR * (MC / MR).max(1); // rows per block, a multiple of MR
     let ws = KC + PAD;
-    let need = mcb * ws + mcb * ytw;
+    // Partial sums live in registers within a k-block and go straight to Y after the last
+    // one; only products longer than one k-block park them in the Yᵀ scratch in between.
+    let multi = k > KC;
+    let need = mcb * ws + if multi { mcb * ytw } else { 0 };
     // Pointer taken out of the closure (closures do not inherit target features).
     let buf = OP.with(|p| {
         let mut p = p.borrow_mut();
@@ -462,10 +471,10 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     while rb < r1 {
         let rows = mcb.min(r1 - rb);
         let rpad = rows.next_multiple_of(MR);
-        std::ptr::write_bytes(yt, 0, rpad * ytw);
         let mut kb = 0;
         while kb < k {
             let kc = KC.min(k - kb);
+            let (first, last) = (kb == 0, kb + kc >= k);
             for i in 0..rows {
                 let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k + kb), kc);
                 widen(s, src, std::slice::from_raw_parts_mut(wp.add(i * ws), kc));
@@ -474,32 +483,53 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
                 std::ptr::write_bytes(wp.add(i * ws), 0, kc);
             }
             for g in 0..ng {
+                let t0 = g * tw;
+                let live = tw.min(n - t0);
                 let xg = job.xp.as_ptr().add(g * k * tw + kb * tw);
                 let mut rt = 0;
                 while rt < rpad {
-                    op_tile::<S, MR, NV>(
-                        s,
-                        wp.add(rt * ws),
-                        ws,
-                        kc,
-                        xg,
-                        tw,
-                        yt.add(rt * ytw + g * tw),
+                    let d = Dest {
+                        yt: yt.add(rt * ytw + t0),
                         ytw,
-                    );
+                        y: y.add(t0 * m + rb + rt),
+                        m,
+                        rows: MR.min(rows.saturating_sub(rt)),
+                        toks: live,
+                        first,
+                        last,
+                    };
+                    // A last group of at most one vector of tokens runs a one-vector tile
+                    // rather than wasting the other NV-1 vectors on padding.
+                    if live <= S::N {
+                        op_tile::<S, MR, 1>(s, wp.add(rt * ws), ws, kc, xg, tw, &d);
+                    } else {
+                        op_tile::<S, MR, NV>(s, wp.add(rt * ws), ws, kc, xg, tw, &d);
+                    }
                     rt += MR;
                 }
             }
             kb += KC;
         }
-        for i in 0..rows {
-            for t in 0..n {
-                *y.add(t * m + rb + i) = *yt.add(i * ytw + t);
-            }
-        }
         rb += rows;
     }
 }
+
+/// Where an outer-product tile's sums go: the Yᵀ scratch between k-blocks (`yt`, row stride
+/// `ytw`), Y itself (`y`, row stride `m`; `rows` weight rows × `toks` tokens live) after the
+/// last. `first`: start from zero rather than `yt`.
+struct Dest {
+    yt: *mut f32,
+    ytw: usize,
+    y: *mut f32,
+    m: usize,
+    rows: usize,
+    toks: usize,
+    first: bool,
+    last: bool,
+}
+
+/// Largest MR·NV·N of any tier's outer-product tile (AVX-512: 12·2·16 = 384).
+const OP_TILE_MAX: usize = 1024;
 
 #[inline(always)]
 unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
@@ -509,14 +539,15 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
     kc: usize,
     xg: *const f32,
     tw: usize,
-    yt: *mut f32,
-    ytw: usize,
+    d: &Dest,
 ) {
     let n = S::N;
     let mut acc = [[s.splat(0.0); NV]; MR];
-    for r in 0..MR {
-        for v in 0..NV {
-            acc[r][v] = s.load(yt.add(r * ytw + v * n));
+    if !d.first {
+        for r in 0..MR {
+            for v in 0..NV {
+                acc[r][v] = s.load(d.yt.add(r * d.ytw + v * n));
+            }
         }
     }
     for kk in 0..kc {
@@ -531,9 +562,29 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
+    if !d.last {
+        for r in 0..MR {
+            for v in 0..NV {
+                s.store(d.yt.add(r * d.ytw + v * n), acc[r][v]);
+            }
+        }
+        return;
+    }
+    // Transpose through an L1-resident buffer: Y rows are tokens, the tile's vectors are not.
+    let tn = NV * n;
+    debug_assert!(MR * tn <= OP_TILE_MAX);
+    let mut tb = std::mem::MaybeUninit::<[f32; OP_TILE_MAX]>::uninit();
+    let tp = tb.as_mut_ptr() as *mut f32;
     for r in 0..MR {
         for v in 0..NV {
-            s.store(yt.add(r * ytw + v * n), acc[r][v]);
+            s.store(tp.add(r * tn + v * n), acc[r][v]);
+        }
+    }
+    let toks = d.toks.min(tn);
+    for t in 0..toks {
+        let row = d.y.add(t * d.m);
+        for r in 0..d.rows {
+            *row.add(r) = *tp.add(r * tn + t);
         }
     }
 }

@@ -237,6 +237,12 @@ fn matmul_awkward_shapes() {
         (6, 70, 530),
         (25, 130, 1100),
         (64, 96, 512),
+        // One-vector tiles (n ≤ 16, and a last group of ≤ 16 after a full one), with one and
+        // with several k-blocks.
+        (15, 40, 384),
+        (9, 13, 20),
+        (40, 61, 1100),
+        (47, 25, 513),
     ] {
         check_matmul(&mut rng, n, m, k);
     }
