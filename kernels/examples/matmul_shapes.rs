@@ -2,7 +2,7 @@
 //! packed sentences) and a TinyLlama prefill shape, per second of CPU time the whole process
 //! received (all threads, from /proc/self/task/*/schedstat) and per wall second. On a shared
 //! machine the CPU-time rate is the meaningful one; a thread spinning in the pool counts.
-//! `cargo run --release -p spinfer-kernels --example matmul_shapes -- [threads]`
+//! `cargo run --release -p spinfer-kernels --example matmul_shapes -- [threads] [n]`
 
 use spinfer_kernels::{kernels, Precision, Weights};
 use std::time::Instant;
@@ -47,7 +47,12 @@ fn main() {
         (470, 1536, 384),
         (128, 2048, 2048),
     ];
+    // An optional second argument keeps only the shapes with that n.
+    let only: Option<usize> = std::env::args().nth(2).and_then(|a| a.parse().ok());
     for (n, kk, m) in shapes {
+        if only.is_some_and(|o| o != n) {
+            continue;
+        }
         let w: Vec<f32> = (0..m * kk)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
             .collect();

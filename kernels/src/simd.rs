@@ -48,10 +48,13 @@ pub(crate) trait Simd: Copy {
 
 /// A weight dtype the kernels read directly from storage.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// Whether `Self` is f32 (matmul can then read weights in place instead of widening).
+    const IS_F32: bool = false;
     unsafe fn vload<S: Simd>(s: S, p: *const Self) -> S::V;
     fn f(self) -> f32;
 }
 impl Elem for f32 {
+    const IS_F32: bool = true;
     #[inline(always)]
     unsafe fn vload<S: Simd>(s: S, p: *const f32) -> S::V {
         s.load(p)
@@ -455,6 +458,9 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     // Partial sums live in registers within a k-block and go straight to Y after the last
     // one; only products longer than one k-block park them in the Yᵀ scratch in between.
     let multi = k > KC;
+    // f32 weights are read in place unless rows 4 KiB apart would crowd MR rows into one
+    // or two L1 sets (k a multiple of 1024); then they are copied at a padded stride.
+    let direct = E::IS_F32 && !k.is_multiple_of(1024);
     let need = mcb * ws + if multi { mcb * ytw } else { 0 };
     // Pointer taken out of the closure (closures do not inherit target features).
     let buf = OP.with(|p| {
@@ -475,12 +481,16 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
         while kb < k {
             let kc = KC.min(k - kb);
             let (first, last) = (kb == 0, kb + kc >= k);
-            for i in 0..rows {
+            // Rows `..full` are read in place (f32 only); the rest, padded with zero rows to
+            // a whole tile, are widened into the scratch.
+            let full = if direct { rows - rows % MR } else { 0 };
+            for i in full..rows {
                 let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k + kb), kc);
-                widen(s, src, std::slice::from_raw_parts_mut(wp.add(i * ws), kc));
+                let dst = wp.add((i - full) * ws);
+                widen(s, src, std::slice::from_raw_parts_mut(dst, kc));
             }
             for i in rows..rpad {
-                std::ptr::write_bytes(wp.add(i * ws), 0, kc);
+                std::ptr::write_bytes(wp.add((i - full) * ws), 0, kc);
             }
             for g in 0..ng {
                 let t0 = g * tw;
@@ -500,10 +510,21 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
                     };
                     // A last group of at most one vector of tokens runs a one-vector tile
                     // rather than wasting the other NV-1 vectors on padding.
-                    if live <= S::N {
-                        op_tile::<S, MR, 1>(s, wp.add(rt * ws), ws, kc, xg, tw, &d);
+                    // Two call sites each so the scratch's constant stride stays a constant.
+                    if rt < full {
+                        let wt = (w.as_ptr() as *const f32).add((rb + rt) * k + kb);
+                        if live <= S::N {
+                            op_tile::<S, MR, 1>(s, wt, k, kc, xg, tw, &d);
+                        } else {
+                            op_tile::<S, MR, NV>(s, wt, k, kc, xg, tw, &d);
+                        }
                     } else {
-                        op_tile::<S, MR, NV>(s, wp.add(rt * ws), ws, kc, xg, tw, &d);
+                        let wt = wp.add((rt - full) * ws);
+                        if live <= S::N {
+                            op_tile::<S, MR, 1>(s, wt, KC + PAD, kc, xg, tw, &d);
+                        } else {
+                            op_tile::<S, MR, NV>(s, wt, KC + PAD, kc, xg, tw, &d);
+                        }
                     }
                     rt += MR;
                 }
