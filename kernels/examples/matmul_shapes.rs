@@ -38,7 +38,12 @@ fn main() {
         "f32 FMA burn (1 thread): {:.1} GFLOP per CPU-second",
         fl / ((process_oncpu_ns() - c) as f64 / 1e9) / 1e9
     );
-    let shapes = [
+    let arg = |i: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|a| a.parse::<usize>().ok())
+    };
+    let mut shapes = vec![
         (15usize, 384usize, 384usize),
         (15, 384, 1536),
         (15, 1536, 384),
@@ -47,6 +52,10 @@ fn main() {
         (470, 1536, 384),
         (128, 2048, 2048),
     ];
+    // `[threads] n k m` measures just that shape.
+    if let (Some(n), Some(kk), Some(m)) = (arg(2), arg(3), arg(4)) {
+        shapes = vec![(n, kk, m)];
+    }
     // An optional second argument keeps only the shapes with that n.
     let only: Option<usize> = std::env::args().nth(2).and_then(|a| a.parse().ok());
     for (n, kk, m) in shapes {

@@ -457,7 +457,10 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     let ws = KC + PAD;
     // Partial sums live in registers within a k-block and go straight to Y after the last
     // one; only products longer than one k-block park them in the Yᵀ scratch in between.
-    let multi = k > KC;
+    // K-block: the group's X panel (kc × tw floats: 32 KiB for AVX-512) stays in L1 while
+    // the MR weight rows stream past it; blocks of equal size, multiples of 16.
+    let kcb = k.div_ceil(k.div_ceil(KC_OP)).next_multiple_of(16);
+    let multi = k > kcb;
     // f32 weights are read in place unless rows 4 KiB apart would crowd MR rows into one
     // or two L1 sets (k a multiple of 1024); then they are copied at a padded stride.
     let direct = E::IS_F32 && !k.is_multiple_of(1024);
@@ -479,7 +482,7 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
         let rpad = rows.next_multiple_of(MR);
         let mut kb = 0;
         while kb < k {
-            let kc = KC.min(k - kb);
+            let kc = kcb.min(k - kb);
             let (first, last) = (kb == 0, kb + kc >= k);
             // Rows `..full` are read in place (f32 only); the rest, padded with zero rows to
             // a whole tile, are widened into the scratch.
@@ -529,11 +532,14 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
                     rt += MR;
                 }
             }
-            kb += KC;
+            kb += kc;
         }
         rb += rows;
     }
 }
+
+/// Largest k-block of the outer-product matmul (its X panel: KC_OP × NV·N floats).
+const KC_OP: usize = 256;
 
 /// Where an outer-product tile's sums go: the Yᵀ scratch between k-blocks (`yt`, row stride
 /// `ytw`), Y itself (`y`, row stride `m`; `rows` weight rows × `toks` tokens live) after the
@@ -571,13 +577,18 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
+    // Row pointers up front: indexing them by kk needs no per-row address arithmetic.
+    let mut wr = [wp; MR];
+    for r in 0..MR {
+        wr[r] = wp.add(r * ws);
+    }
     for kk in 0..kc {
         let mut xv = [s.splat(0.0); NV];
         for v in 0..NV {
             xv[v] = s.load(xg.add(kk * tw + v * n));
         }
         for r in 0..MR {
-            let b = s.splat(*wp.add(r * ws + kk));
+            let b = s.splat(*wr[r].add(kk));
             for v in 0..NV {
                 acc[r][v] = s.fma(b, xv[v], acc[r][v]);
             }
