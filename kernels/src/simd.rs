@@ -454,16 +454,18 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     let ng = n.div_ceil(tw);
     let ytw = ng * tw;
     let mcb = MR * (MC / MR).max(1); // rows per block, a multiple of MR
-    let ws = KC + PAD;
+                                     // K-block: the group's X panel (kc × tw floats: ≤ 32 KiB for AVX-512) stays in L1 while
+                                     // the MR weight rows stream past it; blocks of equal size, multiples of 16.
+    let kcb = k.div_ceil(k.div_ceil(KC_OP)).next_multiple_of(16);
     // Partial sums live in registers within a k-block and go straight to Y after the last
     // one; only products longer than one k-block park them in the Yᵀ scratch in between.
-    // K-block: the group's X panel (kc × tw floats: 32 KiB for AVX-512) stays in L1 while
-    // the MR weight rows stream past it; blocks of equal size, multiples of 16.
-    let kcb = k.div_ceil(k.div_ceil(KC_OP)).next_multiple_of(16);
     let multi = k > kcb;
     // f32 weights are read in place unless rows 4 KiB apart would crowd MR rows into one
     // or two L1 sets (k a multiple of 1024); then they are copied at a padded stride.
     let direct = E::IS_F32 && !k.is_multiple_of(1024);
+    // Copied rows are whole (k + PAD floats): one sequential pass over each weight row per
+    // block keeps the hardware prefetcher streaming, unlike k-block pieces of rows.
+    let ws = k + PAD;
     let need = mcb * ws + if multi { mcb * ytw } else { 0 };
     // Pointer taken out of the closure (closures do not inherit target features).
     let buf = OP.with(|p| {
@@ -480,21 +482,21 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     while rb < r1 {
         let rows = mcb.min(r1 - rb);
         let rpad = rows.next_multiple_of(MR);
+        // Rows `..full` are read in place (f32 only); the rest, padded with zero rows to a
+        // whole tile, are widened into the scratch.
+        let full = if direct { rows - rows % MR } else { 0 };
+        for i in full..rows {
+            let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k), k);
+            let dst = wp.add((i - full) * ws);
+            widen(s, src, std::slice::from_raw_parts_mut(dst, k));
+        }
+        for i in rows..rpad {
+            std::ptr::write_bytes(wp.add((i - full) * ws), 0, k);
+        }
         let mut kb = 0;
         while kb < k {
             let kc = kcb.min(k - kb);
             let (first, last) = (kb == 0, kb + kc >= k);
-            // Rows `..full` are read in place (f32 only); the rest, padded with zero rows to
-            // a whole tile, are widened into the scratch.
-            let full = if direct { rows - rows % MR } else { 0 };
-            for i in full..rows {
-                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k + kb), kc);
-                let dst = wp.add((i - full) * ws);
-                widen(s, src, std::slice::from_raw_parts_mut(dst, kc));
-            }
-            for i in rows..rpad {
-                std::ptr::write_bytes(wp.add((i - full) * ws), 0, kc);
-            }
             for g in 0..ng {
                 let t0 = g * tw;
                 let live = tw.min(n - t0);
@@ -506,28 +508,22 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
                         ytw,
                         y: y.add(t0 * m + rb + rt),
                         m,
-                        rows: MR.min(rows.saturating_sub(rt)),
+                        rows: MR.min(rows - rt),
                         toks: live,
                         first,
                         last,
                     };
+                    let (wt, st) = if rt < full {
+                        ((w.as_ptr() as *const f32).add((rb + rt) * k + kb), k)
+                    } else {
+                        (wp.add((rt - full) * ws + kb) as *const f32, ws)
+                    };
                     // A last group of at most one vector of tokens runs a one-vector tile
                     // rather than wasting the other NV-1 vectors on padding.
-                    // Two call sites each so the scratch's constant stride stays a constant.
-                    if rt < full {
-                        let wt = (w.as_ptr() as *const f32).add((rb + rt) * k + kb);
-                        if live <= S::N {
-                            op_tile::<S, MR, 1>(s, wt, k, kc, xg, tw, &d);
-                        } else {
-                            op_tile::<S, MR, NV>(s, wt, k, kc, xg, tw, &d);
-                        }
+                    if live <= S::N {
+                        op_tile::<S, MR, 1>(s, wt, st, kc, xg, tw, &d);
                     } else {
-                        let wt = wp.add((rt - full) * ws);
-                        if live <= S::N {
-                            op_tile::<S, MR, 1>(s, wt, KC + PAD, kc, xg, tw, &d);
-                        } else {
-                            op_tile::<S, MR, NV>(s, wt, KC + PAD, kc, xg, tw, &d);
-                        }
+                        op_tile::<S, MR, NV>(s, wt, st, kc, xg, tw, &d);
                     }
                     rt += MR;
                 }
@@ -539,7 +535,7 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
 }
 
 /// Largest k-block of the outer-product matmul (its X panel: KC_OP × NV·N floats).
-const KC_OP: usize = 256;
+const KC_OP: usize = 128;
 
 /// Where an outer-product tile's sums go: the Yᵀ scratch between k-blocks (`yt`, row stride
 /// `ytw`), Y itself (`y`, row stride `m`; `rows` weight rows × `toks` tokens live) after the
