@@ -523,7 +523,8 @@ impl Kernels {
         if threads <= 1 || n * k * m < PAR_MIN || m < 32 {
             return f(job, 0, m);
         }
-        let chunk = m.div_ceil(threads * 4).next_multiple_of(16).max(16);
+        // Multiples of 48 rows: whole 16-row and 12-row (AVX-512 outer-product) tiles.
+        let chunk = m.div_ceil(threads * 4).next_multiple_of(48);
         (0..m.div_ceil(chunk))
             .into_par_iter()
             .for_each(|c| f(job, c * chunk, ((c + 1) * chunk).min(m)));
