@@ -131,7 +131,8 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, xp: &mut [u16]) {
             }
         }
     };
-    if n * k >= 1 << 15 {
+    // In parallel only where there is a pool to share it (one thread: stay on the caller).
+    if n * k >= 1 << 15 && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
         xp.par_chunks_mut(blk)
             .enumerate()
