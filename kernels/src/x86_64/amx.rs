@@ -113,21 +113,35 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, xp: &mut [u16]) {
     let kp = k.next_multiple_of(KB);
     let blk = kp * T; // u16 per token block
     debug_assert_eq!(xp.len(), packed_len(n, k));
+    // Written in order, one 64-byte row (16 tokens' pairs) at a time, from 16 row streams.
     let fill = |b: usize, dst: &mut [u16]| {
-        for t in 0..T {
-            let tok = b * T + t;
-            if tok >= n {
-                for p in 0..kp / 2 {
-                    dst[(p * T + t) * 2] = 0;
-                    dst[(p * T + t) * 2 + 1] = 0;
-                }
-                continue;
+        let toks = n.saturating_sub(b * T).min(T);
+        let rows: [&[f32]; T] = std::array::from_fn(|t| {
+            if t < toks {
+                &x[(b * T + t) * k..][..k]
+            } else {
+                &[]
             }
-            let row = &x[tok * k..(tok + 1) * k];
-            for p in 0..kp / 2 {
-                let (i0, i1) = (2 * p, 2 * p + 1);
-                dst[(p * T + t) * 2] = if i0 < k { to_bf16(row[i0]) } else { 0 };
-                dst[(p * T + t) * 2 + 1] = if i1 < k { to_bf16(row[i1]) } else { 0 };
+        });
+        let full = k / 2; // k-pairs with both elements inside k
+        for (p, d) in dst.chunks_exact_mut(2 * T).enumerate() {
+            if p < full && toks == T {
+                for t in 0..T {
+                    d[2 * t] = to_bf16(rows[t][2 * p]);
+                    d[2 * t + 1] = to_bf16(rows[t][2 * p + 1]);
+                }
+            } else {
+                for t in 0..T {
+                    let at = |i: usize| {
+                        if t < toks && i < k {
+                            to_bf16(rows[t][i])
+                        } else {
+                            0
+                        }
+                    };
+                    d[2 * t] = at(2 * p);
+                    d[2 * t + 1] = at(2 * p + 1);
+                }
             }
         }
     };
