@@ -111,7 +111,7 @@ fn amx_runs_where_the_cpu_has_it() {
     check(&k, &mut rng, 20, 40, 70);
 }
 
-/// `matmul` takes AMX by default for bf16 weights and n ≥ 8 (unless SPINFER_AMX=0), and
+/// `matmul` takes AMX by default for bf16 weights and n ≥ 2 (unless SPINFER_AMX=0), and
 /// `set_amx(false)` returns it to the exact path bit for bit. The only test that flips the
 /// global switch.
 #[test]
