@@ -2,7 +2,8 @@
 //! runtime. Knows nothing about models.
 //!
 //! Tiers: `scalar` (the oracle), `portable` (`wide` vectors), `avx2` (AVX2+FMA+F16C),
-//! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present), `neon` (aarch64).
+//! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, and AMX bf16 tiles for matmuls
+//! with bf16 weights where the CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
 
 // Index loops over const-sized tiles unroll predictably in SIMD code; the tile routines take

@@ -246,6 +246,9 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
                 "tilezero tmm3",
                 options(nostack, nomem)
             );
+            // SAFETY (the steps and the store): A rows are 16 full rows of W or of `pad`
+            // (columns s·32.. < k) or the 16×32 `tail` tiles; B tiles lie in the packed X,
+            // which covers kp columns of 2·tblocks token blocks; `c[tb]` is one `Ctiles`.
             for s in 0..kfull {
                 step(
                     a[0].p.add(s * KB),
