@@ -115,8 +115,16 @@ pub fn bench_llama(dir: &Path, prompt_tokens: usize, gen_tokens: usize) -> Resul
     let kv_bytes = (2 * cfg.num_hidden_layers * capacity * cfg.kv_dim() * 4) as u64;
     let mid_depth = (prompt_tokens + gen_tokens / 2) as f64;
     let decode_bytes = model.bytes_per_decode_step() as f64 + 2.0 * layers * mid_depth * kv * 4.0;
-    let bf16_dot =
-        kernels::kernels().has_bf16_dot() && kernels::bf16_dot_enabled() && weights_are_bf16(dir);
+    let k = kernels::kernels();
+    let prefill_path = if !weights_are_bf16(dir) {
+        PrefillPath::Fma
+    } else if k.isa() == kernels::Isa::Avx512 && kernels::amx_enabled() {
+        PrefillPath::Amx
+    } else if k.has_bf16_dot() && kernels::bf16_dot_enabled() {
+        PrefillPath::Bf16Dot
+    } else {
+        PrefillPath::Fma
+    };
 
     Ok(LlamaBench {
         load_ms,
