@@ -16,6 +16,8 @@
 //! All buffers live in [`Sampler`] and are reused: no allocation per token.
 
 use crate::{Error, InferencingParams, Result};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// splitmix64: turns any 64-bit seed into well-mixed state words (Vigna's recommended seeder).
 fn splitmix64(state: &mut u64) -> u64 {
@@ -117,7 +119,13 @@ pub struct Sampler {
     idx: Vec<u32>,
     /// (<= last_n,) distinct recent tokens.
     recent: Vec<u32>,
+    /// (top_k,) min-heap of (probability bits, Reverse(id)) for small top-k.
+    heap: BinaryHeap<Reverse<(u32, Reverse<u32>)>>,
+    kernels: Option<&'static spinfer_kernels::Kernels>,
 }
+
+/// Up to this k, top-k uses a heap scan; above it, a partition of all ids.
+const HEAP_TOP_K: usize = 256;
 
 impl Sampler {
     /// Validates `params` (see [`validate`]) and seeds the RNG.
@@ -133,6 +141,8 @@ impl Sampler {
             probs: Vec::new(),
             idx: Vec::new(),
             recent: Vec::new(),
+            heap: BinaryHeap::new(),
+            kernels: spinfer_kernels::try_kernels().ok(),
         })
     }
 
@@ -153,21 +163,16 @@ impl Sampler {
         self.probs.extend_from_slice(logits);
         self.apply_repeat_penalty(history);
 
-        // softmax(logits / T) over the whole vocabulary, in place.
+        // softmax(logits / T) over the whole vocabulary, in place (SIMD kernels when available).
         let inv_t = 1.0 / self.temperature;
-        let max = self.probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        for x in self.probs.iter_mut() {
-            *x = ((*x - max) * inv_t).exp();
-            sum += *x as f64;
-        }
-        let inv_sum = (1.0 / sum) as f32;
-        for x in self.probs.iter_mut() {
-            *x *= inv_sum;
+        match self.kernels {
+            Some(k) => {
+                k.scale(&mut self.probs, inv_t);
+                k.softmax(&mut self.probs);
+            }
+            None => softmax_scalar(&mut self.probs, inv_t),
         }
 
-        self.idx.clear();
-        self.idx.extend(0..v as u32);
         let probs = &self.probs;
         let desc = |a: &u32, b: &u32| {
             probs[*b as usize]
@@ -175,10 +180,18 @@ impl Sampler {
                 .then(a.cmp(b))
         };
 
-        // Top-k: partition so the k most likely come first (unsorted).
+        // Top-k: the k most likely first (unsorted). A small k scans once with a size-k min-heap
+        // (most tokens are rejected by one comparison); a large k partitions all ids.
         let k = if self.top_k == 0 || self.top_k >= v {
+            self.idx.clear();
+            self.idx.extend(0..v as u32);
             v
+        } else if self.top_k <= HEAP_TOP_K {
+            top_k_heap(probs, self.top_k, &mut self.heap, &mut self.idx);
+            self.top_k
         } else {
+            self.idx.clear();
+            self.idx.extend(0..v as u32);
             self.idx.select_nth_unstable_by(self.top_k - 1, desc);
             self.top_k
         };
@@ -221,6 +234,43 @@ impl Sampler {
             }
         }
     }
+}
+
+/// softmax(x * inv_t) in place, in plain Rust (used when no kernel table is available).
+fn softmax_scalar(x: &mut [f32], inv_t: f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = ((*v - max) * inv_t).exp();
+        sum += *v as f64;
+    }
+    let inv_sum = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv_sum;
+    }
+}
+
+/// The ids of the `k` most likely tokens (ties: lower id first), unsorted, into `out`.
+/// Probabilities are >= 0, so their f32 bit patterns order like the values.
+fn top_k_heap(
+    probs: &[f32],
+    k: usize,
+    heap: &mut BinaryHeap<Reverse<(u32, Reverse<u32>)>>,
+    out: &mut Vec<u32>,
+) {
+    heap.clear();
+    for (i, &p) in probs.iter().enumerate() {
+        let key = (p.to_bits(), Reverse(i as u32));
+        if heap.len() < k {
+            heap.push(Reverse(key));
+        } else if let Some(mut min) = heap.peek_mut() {
+            if key > min.0 {
+                *min = Reverse(key);
+            }
+        }
+    }
+    out.clear();
+    out.extend(heap.drain().map(|Reverse((_, Reverse(i)))| i));
 }
 
 /// Index of the first maximum (NaN never wins over a number).
@@ -604,6 +654,60 @@ mod tests {
         let hist: Vec<u32> = (0..80).map(|i| (i * 13 % 50) as u32).collect();
         check_distribution(&test_logits(), &hist, 0.8, 40, 0.9, 1.1, 64);
         check_distribution(&test_logits(), &[3, 3, 17, 40, 1], 1.3, 8, 0.7, 1.8, 3);
+    }
+
+    #[test]
+    fn scalar_softmax_fallback_agrees_with_the_kernels() {
+        // softmax(x / 0.7) by definition in f64, vs the fallback and the kernel path.
+        let x: Vec<f32> = (0..300)
+            .map(|i| ((i * 31) % 17) as f32 * 0.9 - 6.0)
+            .collect();
+        let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = x.iter().map(|&v| ((v as f64 - m) / 0.7).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let mut a = x.clone();
+        softmax_scalar(&mut a, 1.0 / 0.7);
+        let k = spinfer_kernels::kernels();
+        let mut b = x.clone();
+        k.scale(&mut b, 1.0 / 0.7);
+        k.softmax(&mut b);
+        for i in 0..x.len() {
+            let want = e[i] / z;
+            assert!((a[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{i}");
+            assert!((b[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{i}");
+        }
+    }
+
+    #[test]
+    fn top_k_heap_and_partition_keep_the_same_set() {
+        // 1000 probabilities with many ties: the heap (k <= 256) and the partition (k > 256)
+        // must both keep exactly the k first ids of a full sort (ties: lower id first).
+        let probs: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 37) as f32 / 37.0).collect();
+        let mut order: Vec<u32> = (0..1000).collect();
+        order.sort_by(|&a, &b| {
+            probs[b as usize]
+                .total_cmp(&probs[a as usize])
+                .then(a.cmp(&b))
+        });
+        let mut heap = BinaryHeap::new();
+        let mut out = Vec::new();
+        for k in [1, 2, 40, 256] {
+            top_k_heap(&probs, k, &mut heap, &mut out);
+            out.sort();
+            let mut want = order[..k].to_vec();
+            want.sort();
+            assert_eq!(out, want, "k {k}");
+        }
+        // Through the sampler, k = 300 (partition) and k = 40 (heap): nothing outside is drawn.
+        let logits: Vec<f32> = probs.iter().map(|p| p * 3.0).collect();
+        for k in [40u32, 300] {
+            let allowed: std::collections::HashSet<u32> =
+                order[..k as usize].iter().copied().collect();
+            let mut s = Sampler::new(&params(1.0, k, 1.0, 1.0, 0), 2).unwrap();
+            for _ in 0..5000 {
+                assert!(allowed.contains(&s.sample(&logits, &[])), "k {k}");
+            }
+        }
     }
 
     #[test]

@@ -22,11 +22,14 @@ use std::path::{Path, PathBuf};
 /// product, about eight rounded products per layer, amplified by the fixtures' random weights
 /// (scaled for clear greedy margins): measured here up to 7e-5; fixtures/check_llama_bf16_rounding.py
 /// rounds every linear input to bf16 in transformers and finds at most 1.9e-4 (llama-mqa-bf16)
-/// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. With f32
+/// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. The AMX
+/// matmul (prefill of ≥ 8 tokens where the CPU has AMX) rounds the same inputs the same way
+/// (round to nearest even, f32 accumulation), so the same bound applies. With f32
 /// activations bf16 models measure ~4e-12 too (tests/llama_exact.rs).
 fn nmse_bound(dtype: &str) -> f64 {
     let k = spinfer::kernels::kernels();
-    let bf16_dot = k.has_bf16_dot() && spinfer::kernels::bf16_dot_enabled();
+    let bf16_dot = (k.has_bf16_dot() && spinfer::kernels::bf16_dot_enabled())
+        || spinfer::kernels::amx_enabled();
     match dtype {
         "bfloat16" if bf16_dot => 1e-3,
         _ => 1e-6,

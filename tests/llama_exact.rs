@@ -1,5 +1,5 @@
 //! The reference check of tests/llama.rs with bf16 weights computed exactly (widened to f32, f32
-//! activations and accumulation) instead of through the kernels' bf16 dot products, so every
+//! activations and accumulation) instead of through the kernels' bf16 dot products or AMX tiles, so every
 //! dtype meets the f32 accumulation-order bound. A separate test binary because the switch is
 //! process-wide.
 
@@ -12,9 +12,10 @@ const BOUND: f64 = 1e-6;
 #[test]
 fn every_fixture_matches_transformers_with_f32_activations() {
     spinfer::kernels::set_bf16_dot(false);
+    spinfer::kernels::set_amx(false);
     let report = llama_common::check_all_fixtures(|_| BOUND);
     eprintln!(
-        "kernels: {}, bf16 dot off\n{}",
+        "kernels: {}, bf16 dot and AMX off\n{}",
         spinfer::kernels::kernels().isa(),
         report.join("\n")
     );

@@ -60,7 +60,11 @@ fn main() {
         ("f16", Weights::F16(&wf16), Precision::Exact),
         ("bf16 exact", Weights::Bf16(&wbf16), Precision::Exact),
         ("bf16 dot", Weights::Bf16(&wbf16), Precision::Bf16Dot),
+        ("bf16 amx", Weights::Bf16(&wbf16), Precision::Amx),
     ] {
+        if p == Precision::Amx && !spinfer_kernels::amx_available() {
+            continue;
+        }
         let s = per_cpu_second(5, || k.matmul_with(p, w, &x, n, &mut y));
         println!(
             "matmul {n}x{m}x{kk} {name:>10}: {:6.1} GFLOP per CPU-second",

@@ -465,8 +465,9 @@ fn rope_and_to_f32() {
     }
 }
 
-/// `matmul` follows the global choice: with the bf16 dot path switched off it is bit-identical
-/// to `Precision::Exact` (the only test that touches the global switch).
+/// `matmul` follows the global choice: with the bf16 dot path and AMX switched off it is
+/// bit-identical to `Precision::Exact` (the only test here that touches the global switches;
+/// tests/amx.rs checks the AMX default).
 #[test]
 fn matmul_default_follows_switch() {
     let mut rng = Rng(8);
@@ -474,7 +475,8 @@ fn matmul_default_follows_switch() {
     let w = W::new(&mut rng, m * kk);
     let x = rng.vec(n * kk, 1.0);
     spinfer_kernels::set_bf16_dot(false);
-    assert!(!spinfer_kernels::bf16_dot_enabled());
+    spinfer_kernels::set_amx(false);
+    assert!(!spinfer_kernels::bf16_dot_enabled() && !spinfer_kernels::amx_enabled());
     for k in tiers() {
         for wt in w.all(0) {
             let mut a = vec![0f32; n * m];

@@ -1,0 +1,351 @@
+//! AMX (Advanced Matrix Extensions) bf16 matmul: `tdpbf16ps` on 16×16 f32 tiles.
+//!
+//! Y = X Wᵀ is computed as Cᵀ = W · Xᵀ so the mmap'd bf16 weights are the A operand as they
+//! lie: a tile is 16 rows × 32 bf16 (64 bytes) of W loaded with stride k·2 bytes. The B
+//! operand is X rounded to bf16 (round to nearest even, like the AVX-512 BF16 dot path) and
+//! packed once per call in the VNNI layout `tdpbf16ps` wants (see [`pack_x`]). Accumulation
+//! is f32, so the accuracy class is that of `Precision::Bf16Dot`: each product carries a
+//! relative error ≤ 2^-9 from rounding the activation. Stable Rust has no AMX intrinsics, so
+//! the instructions are written with `asm!`.
+//!
+//! Linux hands out tile state only after `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`;
+//! [`available`] asks once per process and says no if the CPU lacks AMX or the kernel refuses.
+
+use crate::simd::MatmulJob;
+use crate::Weights;
+use core::arch::asm;
+use std::sync::OnceLock;
+
+/// Tokens per B tile and weight rows per A/C tile.
+const T: usize = 16;
+/// bf16 elements of K per tile step (64 bytes of a row).
+const KB: usize = 32;
+
+/// Whether this CPU reports AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22).
+pub(crate) fn cpu_has_amx() -> bool {
+    use core::arch::x86_64::__cpuid_count;
+    // Leaf 7 only where the CPU has it (max leaf in leaf 0's EAX).
+    if __cpuid_count(0, 0).eax < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    edx & (1 << 24) != 0 && edx & (1 << 22) != 0
+}
+
+/// `arch_prctl(code, arg)`; returns the raw syscall result (0 = success, -errno).
+fn arch_prctl(code: u64, arg: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: arch_prctl (158) with ARCH_REQ_XCOMP_PERM / ARCH_GET_XCOMP_PERM only changes or
+    // reads this process's permitted XSAVE features; GET writes one u64 through `arg`, which
+    // callers point at a live local. The syscall clobbers rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") 158i64 => ret,
+            in("rdi") code,
+            in("rsi") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
+const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+const XFEATURE_XTILEDATA: u64 = 18;
+
+/// AMX usable in this process: CPU support, and Linux granted tile-data permission (asked once).
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if !cfg!(target_os = "linux") || !cpu_has_amx() {
+            return false;
+        }
+        if arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0 {
+            return false;
+        }
+        let mut perm = 0u64;
+        let r = arch_prctl(ARCH_GET_XCOMP_PERM, &mut perm as *mut u64 as u64);
+        r == 0 && perm & (1 << XFEATURE_XTILEDATA) != 0 && perm & (1 << 17) != 0
+    })
+}
+
+/// Palette-1 tile configuration: every tile is 16 rows × 64 bytes.
+/// tmm0..3: C (16 weight rows × 16 tokens, f32); tmm4,5: A (16 W rows × 32 bf16);
+/// tmm6,7: B (16 k-pairs × 16 tokens × 2 bf16).
+#[repr(C, align(64))]
+struct TileCfg([u8; 64]);
+
+const CFG: TileCfg = {
+    let mut c = [0u8; 64];
+    c[0] = 1; // palette
+    let mut i = 0;
+    while i < 8 {
+        c[16 + 2 * i] = 64; // colsb (u16, little endian)
+        c[48 + i] = 16; // rows
+        i += 1;
+    }
+    TileCfg(c)
+};
+
+/// f32 → bf16 bits, round to nearest even; NaN stays a (quiet) NaN.
+#[inline(always)]
+fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Elements of the packed X for `n` tokens and `k` columns.
+pub(crate) fn packed_len(n: usize, k: usize) -> usize {
+    n.div_ceil(2 * T) * 2 * T * k.next_multiple_of(KB)
+}
+
+/// Pack X (n, k) as bf16 B tiles: token block `b` (16 tokens, n padded with zero tokens to a
+/// multiple of 32), k-pair `p` (k padded with zeros to a multiple of 32), token `t`:
+/// `xp[((b·kp/2 + p)·16 + t)·2 + e] = bf16(X[16b + t][2p + e])`. One B tile (16 k-pairs) is
+/// then 1 KiB of contiguous memory: row stride 64 bytes.
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, xp: &mut [u16]) {
+    let kp = k.next_multiple_of(KB);
+    let blk = kp * T; // u16 per token block
+    debug_assert_eq!(xp.len(), packed_len(n, k));
+    // Written in order, one 64-byte row (16 tokens' pairs) at a time, from 16 row streams.
+    let fill = |b: usize, dst: &mut [u16]| {
+        let toks = n.saturating_sub(b * T).min(T);
+        let rows: [&[f32]; T] = std::array::from_fn(|t| {
+            if t < toks {
+                &x[(b * T + t) * k..][..k]
+            } else {
+                &[]
+            }
+        });
+        let full = k / 2; // k-pairs with both elements inside k
+        for (p, d) in dst.chunks_exact_mut(2 * T).enumerate() {
+            if p < full && toks == T {
+                for t in 0..T {
+                    d[2 * t] = to_bf16(rows[t][2 * p]);
+                    d[2 * t + 1] = to_bf16(rows[t][2 * p + 1]);
+                }
+            } else {
+                for t in 0..T {
+                    let at = |i: usize| {
+                        if t < toks && i < k {
+                            to_bf16(rows[t][i])
+                        } else {
+                            0
+                        }
+                    };
+                    d[2 * t] = at(2 * p);
+                    d[2 * t + 1] = at(2 * p + 1);
+                }
+            }
+        }
+    };
+    // In parallel only where there is a pool to share it (one thread: stay on the caller).
+    if n * k >= 1 << 15 && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        xp.par_chunks_mut(blk)
+            .enumerate()
+            .for_each(|(b, d)| fill(b, d));
+    } else {
+        for (b, d) in xp.chunks_mut(blk).enumerate() {
+            fill(b, d)
+        }
+    }
+}
+
+/// 16 weight rows as an A-operand source: a pointer and its row stride in bytes.
+#[derive(Clone, Copy)]
+struct Rows {
+    p: *const u16,
+    stride: usize,
+}
+
+/// Columns r0..r1 of Y (= W rows r0..r1) from `job.xb`, which holds X packed by [`pack_x`].
+///
+/// # Safety
+/// [`available`] must be true; `job.w` bf16 (m, k) and `job.xb` packed for (n, k); callers
+/// give concurrent calls disjoint row ranges of Y.
+pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
+    let Weights::Bf16(w) = job.w else {
+        unreachable!("AMX path called with non-bf16 weights")
+    };
+    let (n, k, m, y) = (job.n, job.k, job.m, job.y);
+    debug_assert!(r1 <= m && job.xb.len() == packed_len(n, k));
+    let kp = k.next_multiple_of(KB);
+    let (kfull, ktail) = (k / KB, k % KB);
+    let w = w.as_ptr() as *const u16;
+    let xb = job.xb.as_ptr();
+    let tblocks = n.div_ceil(2 * T); // pairs of token blocks
+
+    // Row blocks with fewer than 16 rows (m tail) are copied, zero-padded, to `pad` (16, k);
+    // the last k % 32 columns of each row block go to `tail` (two 16×32 tiles).
+    let mut pad: Vec<u16> = Vec::new();
+    let mut tail = [[0u16; T * KB]; 2];
+    // The 2×2 C tiles of each token-block pair of the current 32-row slab.
+    let mut c: Vec<Ctiles> = (0..tblocks).map(|_| Ctiles([0.0; 4 * T * T])).collect();
+
+    // SAFETY: CFG is a valid palette-1 configuration; tile state is per thread and released
+    // below, and `available` obtained the kernel's permission.
+    asm!("ldtilecfg [{}]", in(reg) &CFG as *const TileCfg, options(nostack, readonly));
+
+    let mut rb = r0;
+    while rb < r1 {
+        let rows = (r1 - rb).min(2 * T);
+        let h = [rows.min(T), rows.saturating_sub(T)];
+        let mut a = [Rows { p: w, stride: 0 }; 2];
+        for i in 0..2 {
+            let rs = rb + i * T;
+            a[i] = if h[i] == T {
+                // SAFETY: rows rs..rs+16 lie in W (m, k).
+                Rows {
+                    p: w.add(rs * k),
+                    stride: k * 2,
+                }
+            } else if h[i] > 0 {
+                pad.clear();
+                pad.resize(T * k, 0);
+                // SAFETY: rows rs..rs+h[i] lie in W.
+                std::ptr::copy_nonoverlapping(w.add(rs * k), pad.as_mut_ptr(), h[i] * k);
+                Rows {
+                    p: pad.as_ptr(),
+                    stride: k * 2,
+                }
+            } else {
+                a[0] // no rows: compute on block 0 again and discard
+            };
+            if ktail > 0 {
+                let t = &mut tail[i];
+                t.fill(0);
+                for r in 0..T {
+                    let src = (a[i].p as *const u8).add(r * a[i].stride) as *const u16;
+                    // SAFETY: the last ktail columns of a row of W (or of `pad`).
+                    std::ptr::copy_nonoverlapping(
+                        src.add(kfull * KB),
+                        t.as_mut_ptr().add(r * KB),
+                        ktail,
+                    );
+                }
+            }
+        }
+        // Each token-block pair: the full k with C in tmm0..3, stored to `c`. Y is written
+        // only after the whole slab: transposing between token blocks (scattered stores to
+        // 32 Y rows) measured 10-30% slower, likely by evicting the W slab that the next
+        // token block reads again.
+        for tb in 0..tblocks {
+            let b0 = xb.add(2 * tb * kp * T);
+            let b1 = b0.add(kp * T);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            // SAFETY (the steps and the store): A rows are 16 full rows of W or of `pad`
+            // (columns s·32.. < k) or the 16×32 `tail` tiles; B tiles lie in the packed X,
+            // which covers kp columns of 2·tblocks token blocks; `c[tb]` is one `Ctiles`.
+            for s in 0..kfull {
+                step(
+                    a[0].p.add(s * KB),
+                    a[1].p.add(s * KB),
+                    a[0].stride,
+                    a[1].stride,
+                    b0.add(s * KB * T),
+                    b1.add(s * KB * T),
+                );
+            }
+            if ktail > 0 {
+                step(
+                    tail[0].as_ptr(),
+                    tail[1].as_ptr(),
+                    KB * 2,
+                    KB * 2,
+                    b0.add(kfull * KB * T),
+                    b1.add(kfull * KB * T),
+                );
+            }
+            ctiles(c[tb].0.as_mut_ptr());
+        }
+        for tb in 0..tblocks {
+            // C tile (i, j): W rows rb+16i.., tokens 32tb+16j..; Y[t][r] = C[r][t].
+            for i in 0..2 {
+                for j in 0..2 {
+                    let ct = &c[tb].0[(2 * i + j) * T * T..][..T * T];
+                    let t0 = 2 * tb * T + j * T;
+                    for t in 0..T.min(n.saturating_sub(t0)) {
+                        // SAFETY: (t0+t, rb+16i+r) lies in Y (n, m) and in this call's rows.
+                        let yr = y.add((t0 + t) * m + rb + i * T);
+                        for r in 0..h[i] {
+                            *yr.add(r) = ct[r * T + t];
+                        }
+                    }
+                }
+            }
+        }
+        rb += rows;
+    }
+    // SAFETY: ends this thread's use of tile state (set up by ldtilecfg above).
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+#[repr(C, align(64))]
+struct Ctiles([f32; 4 * T * T]);
+
+/// Store the four C tiles tmm0..3 to `cp` (four 16×16 f32 tiles, row stride 64 bytes).
+///
+/// # Safety
+/// `cp` points at a `Ctiles`; tiles configured by `matmul_rows`.
+#[inline(always)]
+unsafe fn ctiles(cp: *mut f32) {
+    asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) cp,
+        c1 = in(reg) cp.add(T * T),
+        c2 = in(reg) cp.add(2 * T * T),
+        c3 = in(reg) cp.add(3 * T * T),
+        s = in(reg) 64usize,
+        options(nostack),
+    );
+}
+
+/// One k-step of the 2×2 block: C(i,j) += A_i · B_j.
+///
+/// # Safety
+/// Tiles configured by `matmul_rows`; each pointer addresses 16 rows of 64 readable bytes at
+/// its stride (B tiles: 64).
+#[inline(always)]
+unsafe fn step(
+    a0: *const u16,
+    a1: *const u16,
+    s0: usize,
+    s1: usize,
+    b0: *const u16,
+    b1: *const u16,
+) {
+    asm!(
+        "tileloadd tmm4, [{a0} + {s0}*1]",
+        "tileloadd tmm6, [{b0} + {sb}*1]",
+        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tileloadd tmm5, [{a1} + {s1}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        a0 = in(reg) a0,
+        a1 = in(reg) a1,
+        s0 = in(reg) s0,
+        s1 = in(reg) s1,
+        b0 = in(reg) b0,
+        b1 = in(reg) b1,
+        sb = in(reg) 64usize,
+        options(nostack, readonly),
+    );
+}
