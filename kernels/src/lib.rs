@@ -7,7 +7,20 @@
 
 pub use half::{bf16, f16};
 
+pub mod probe;
 pub mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+mod portable;
+mod simd;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+use rayon::prelude::*;
+use simd::MatmulJob;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -139,8 +152,12 @@ impl std::error::Error for IsaError {}
 /// The per-tier single-threaded building blocks. Threading and shape checks live in `Kernels`.
 pub(crate) struct Table {
     pub dot: fn(Weights<'_>, &[f32]) -> f32,
+    /// y = W x for the rows W holds.
     pub matvec: fn(Weights<'_>, &[f32], &mut [f32]),
-    pub matmul: fn(Weights<'_>, &[f32], usize, &mut [f32]),
+    /// Columns r0..r1 of the job's Y, exact f32 accumulation.
+    pub matmul: fn(&MatmulJob<'_>, usize, usize),
+    /// The bf16 × bf16 dot-product matmul, where the CPU has one.
+    pub matmul_bf16: Option<Bf16Mm>,
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub layernorm: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
@@ -152,12 +169,46 @@ pub(crate) struct Table {
     pub scale: fn(&mut [f32], f32),
     pub axpy: fn(&mut [f32], f32, &[f32]),
     pub to_f32: fn(Weights<'_>, &mut [f32]),
+    /// Independent FMA chains for the probe: 12 · lanes · 2 FLOP per iteration.
+    pub burn: fn(usize) -> f32,
+    /// Independent bf16 dot-product chains: 12 · 64 FLOP per iteration.
+    pub bf16_burn: Option<fn(usize) -> f32>,
+}
+
+/// A bf16-activation matmul: `cvt` rounds X to bf16 bits, `mm` computes columns r0..r1 of Y
+/// from `MatmulJob::xb`.
+pub(crate) struct Bf16Mm {
+    pub cvt: fn(&[f32], &mut [u16]),
+    pub mm: fn(&MatmulJob<'_>, usize, usize),
+}
+
+/// Columns r0..r1 of Y through the oracle, for the scalar tier.
+fn scalar_matmul_rows(j: &MatmulJob<'_>, r0: usize, r1: usize) {
+    for t in 0..j.n {
+        let x = &j.x[t * j.k..(t + 1) * j.k];
+        for r in r0..r1 {
+            let v = scalar::dot(j.w.row(r, j.k), x);
+            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
+            unsafe { *j.y.add(t * j.m + r) = v };
+        }
+    }
+}
+
+fn scalar_burn(iters: usize) -> f32 {
+    let mut acc = [0f32; 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    acc.iter().sum()
 }
 
 static SCALAR: Table = Table {
     dot: scalar::dot,
     matvec: scalar::matvec,
-    matmul: scalar::matmul,
+    matmul: scalar_matmul_rows,
+    matmul_bf16: None,
     rmsnorm: scalar::rmsnorm,
     layernorm: scalar::layernorm,
     softmax: scalar::softmax,
@@ -169,13 +220,67 @@ static SCALAR: Table = Table {
     scale: scalar::scale,
     axpy: scalar::axpy,
     to_f32: scalar::to_f32,
+    burn: scalar_burn,
+    bf16_burn: None,
 };
 
 fn table(isa: Isa) -> Option<&'static Table> {
     match isa {
         Isa::Scalar => Some(&SCALAR),
+        Isa::Portable => Some(&portable::TABLE),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some(&x86_64::avx2::TABLE),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(x86_64::avx512::table()),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => Some(&aarch64::neon::TABLE),
+        #[allow(unreachable_patterns)]
         _ => None,
     }
+}
+
+/// How a matmul with bf16 weights accumulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Weights widened to f32, f32 activations, f32 FMA accumulation.
+    Exact,
+    /// Activations rounded to bf16 and AVX-512 BF16 dot products (f32 accumulation); about 2x
+    /// faster, relative error ~2^-9·sqrt(k) per output (see `x86_64/avx512.rs`). Falls back to
+    /// `Exact` where the CPU lacks it or the weights are not bf16.
+    Bf16Dot,
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static BF16_DOT: AtomicU8 = AtomicU8::new(0);
+
+/// Whether `matmul` uses the bf16 dot-product path for bf16 weights (default on; the
+/// environment variable `SPINFER_BF16_DOT=0` turns it off).
+pub fn bf16_dot_enabled() -> bool {
+    match BF16_DOT.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = matches!(
+                std::env::var("SPINFER_BF16_DOT").as_deref(),
+                Ok("0") | Ok("off") | Ok("false")
+            );
+            BF16_DOT.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            !off
+        }
+    }
+}
+
+/// Choose whether `matmul` uses the bf16 dot-product path for bf16 weights.
+pub fn set_bf16_dot(on: bool) {
+    BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_MIN: usize = 1 << 16;
+
+thread_local! {
+    /// X rounded to bf16 for the dot-product path; grows to the largest (n, k) seen.
+    static XB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The kernels of one tier. Obtain with [`kernels`] (the active tier) or [`Kernels::for_isa`].
@@ -244,18 +349,46 @@ impl Kernels {
         (self.t.dot)(w, x)
     }
 
-    /// y = W x with W `(y.len(), x.len())` row-major.
+    /// Whether this tier has the bf16 dot-product matmul ([`Precision::Bf16Dot`]).
+    pub fn has_bf16_dot(&self) -> bool {
+        self.t.matmul_bf16.is_some()
+    }
+
+    /// y = W x with W `(y.len(), x.len())` row-major. Rows are split over the thread pool
+    /// when the product is big enough to pay for it.
     pub fn matvec(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
         assert_eq!(
             w.len(),
             x.len() * y.len(),
             "matvec: weights are not (rows, cols)"
         );
-        (self.t.matvec)(w, x, y)
+        let (rows, cols) = (y.len(), x.len());
+        let threads = rayon::current_num_threads();
+        if threads <= 1 || rows * cols < PAR_MIN || rows < 16 {
+            return (self.t.matvec)(w, x, y);
+        }
+        // A few chunks per thread so a busy core does not hold up the rest.
+        let chunk = rows.div_ceil(threads * 4).next_multiple_of(4).max(8);
+        let f = self.t.matvec;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(i, yc)| {
+            let r0 = i * chunk;
+            f(w.slice(r0 * cols, (r0 + yc.len()) * cols), x, yc)
+        });
     }
 
-    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`.
+    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses
+    /// [`Precision::Bf16Dot`] where available unless turned off ([`set_bf16_dot`]).
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+        let p = if bf16_dot_enabled() {
+            Precision::Bf16Dot
+        } else {
+            Precision::Exact
+        };
+        self.matmul_with(p, w, x, n, y)
+    }
+
+    /// Y = X Wᵀ with the given precision for bf16 weights.
+    pub fn matmul_with(&self, prec: Precision, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
         if n == 0 {
             assert!(
                 x.is_empty() && y.is_empty(),
@@ -270,7 +403,58 @@ impl Kernels {
             (x.len() / n) * (y.len() / n),
             "matmul: w is not (m, k)"
         );
-        (self.t.matmul)(w, x, n, y)
+        let (k, m) = (x.len() / n, y.len() / n);
+        if n == 1 {
+            return self.matvec(w, x, y);
+        }
+        let bf = match (prec, w, &self.t.matmul_bf16) {
+            (Precision::Bf16Dot, Weights::Bf16(_), Some(b)) if k > 0 => Some(b),
+            _ => None,
+        };
+        let Some(bf) = bf else {
+            let job = MatmulJob {
+                w,
+                x,
+                xb: &[],
+                n,
+                k,
+                m,
+                y: y.as_mut_ptr(),
+            };
+            return self.run_matmul(self.t.matmul, &job);
+        };
+        let mut go = |xb: &mut Vec<u16>| {
+            xb.resize(n * k, 0);
+            (bf.cvt)(x, xb);
+            let job = MatmulJob {
+                w,
+                x,
+                xb,
+                n,
+                k,
+                m,
+                y: y.as_mut_ptr(),
+            };
+            self.run_matmul(bf.mm, &job);
+        };
+        // A nested call on this thread (from inside a parallel section) gets its own buffer.
+        XB.with(|c| match c.try_borrow_mut() {
+            Ok(mut xb) => go(&mut xb),
+            Err(_) => go(&mut Vec::new()),
+        })
+    }
+
+    /// Split Y's columns (W's rows) over the pool: each W row is read by one thread only.
+    fn run_matmul(&self, f: fn(&MatmulJob<'_>, usize, usize), job: &MatmulJob<'_>) {
+        let (n, k, m) = (job.n, job.k, job.m);
+        let threads = rayon::current_num_threads();
+        if threads <= 1 || n * k * m < PAR_MIN || m < 32 {
+            return f(job, 0, m);
+        }
+        let chunk = m.div_ceil(threads * 4).next_multiple_of(16).max(16);
+        (0..m.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| f(job, c * chunk, ((c + 1) * chunk).min(m)));
     }
 
     pub fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {

@@ -10,53 +10,134 @@
 //!   allocated once per request.
 //! - `model.forward(&mut state, tokens) -> Result<&[f32]>`: runs `tokens` at positions
 //!   `state.pos()..` (several tokens = one batched prefill), returns the last token's logits.
+//!
+//! Also: `config()`, `n_params()`, `bytes_per_decode_step()` (for the bench),
+//! `forward_all_logits()` (every position's logits, for tests).
+
+pub mod config;
+mod forward;
+mod model;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use forward::{LlamaState, MAX_BATCH};
 
 use crate::{Error, Result};
+use forward::Forward;
+use model::ModelWeights;
+use spinfer_kernels::Kernels;
 use std::path::Path;
+use tokenizers::Tokenizer;
 
-pub struct LlamaModel {}
-
-pub struct LlamaState {
-    pos: usize,
-    logits: Vec<f32>,
-}
-
-impl LlamaState {
-    /// Positions already in the KV cache.
-    pub fn pos(&self) -> usize {
-        self.pos
-    }
+pub struct LlamaModel {
+    cfg: LlamaConfig,
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    kernels: &'static Kernels,
+    inv_freq: Vec<f32>, // (head_dim/2) RoPE inverse frequencies, scaling applied
 }
 
 impl LlamaModel {
+    /// Load a model folder: config.json (+ generation_config.json), tokenizer.json and the
+    /// weights. Nothing proportional to the weights' size happens here (they are mapped).
     pub fn load(dir: &Path) -> Result<LlamaModel> {
-        Err(Error::runtime(format!(
-            "llama loading not implemented yet ({})",
-            dir.display()
-        )))
+        let cfg = LlamaConfig::load(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
+        let weights = ModelWeights::load(dir, &cfg)?;
+        let kernels = spinfer_kernels::try_kernels().map_err(|e| Error::runtime(e.to_string()))?;
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(LlamaModel {
+            cfg,
+            weights,
+            tokenizer,
+            kernels,
+            inv_freq,
+        })
     }
-    pub fn encode(&self, _prompt: &str) -> Result<Vec<u32>> {
-        Err(Error::runtime("not implemented"))
+
+    /// Token ids of `prompt`, with the tokenizer's post-processor applied (Llama: `<s>` first).
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| Error::invalid(format!("cannot tokenize the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
     }
-    pub fn decode(&self, _ids: &[u32]) -> Result<String> {
-        Err(Error::runtime("not implemented"))
+
+    /// Text of `ids` decoded all at once (byte-fallback pieces merged; special tokens kept).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::runtime(format!("cannot decode token ids: {e}")))
     }
+
     pub fn eos_ids(&self) -> &[u32] {
-        &[]
+        &self.cfg.eos_token_ids
     }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.cfg.bos_token_id
+    }
+
+    /// Most positions a sequence may use (`max_position_embeddings`).
     pub fn context_len(&self) -> usize {
-        0
+        self.cfg.max_position_embeddings
     }
+
     pub fn vocab_size(&self) -> usize {
-        0
+        self.cfg.vocab_size
     }
-    pub fn new_state(&self, _capacity: usize) -> LlamaState {
-        LlamaState {
-            pos: 0,
-            logits: Vec::new(),
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Parameters in the model (a tied embedding counted once).
+    pub fn n_params(&self) -> usize {
+        self.weights.n_params(&self.cfg)
+    }
+
+    /// Weight bytes one decode step reads (for bandwidth ratios in the bench).
+    pub fn bytes_per_decode_step(&self) -> usize {
+        self.weights.bytes_per_decode_step(&self.cfg)
+    }
+
+    /// A KV cache and scratch for `capacity` positions (capped at the context), allocated now.
+    pub fn new_state(&self, capacity: usize) -> LlamaState {
+        LlamaState::new(&self.cfg, capacity)
+    }
+
+    fn fwd(&self) -> Forward<'_> {
+        Forward {
+            cfg: &self.cfg,
+            w: &self.weights,
+            k: self.kernels,
+            inv_freq: &self.inv_freq,
         }
     }
-    pub fn forward<'s>(&self, state: &'s mut LlamaState, _tokens: &[u32]) -> Result<&'s [f32]> {
-        Ok(&state.logits)
+
+    /// Run `tokens` at positions `state.pos()..` (a prompt in batches of up to [`MAX_BATCH`]
+    /// tokens, or one token against the cache) and return the last token's logits.
+    pub fn forward<'s>(&self, state: &'s mut LlamaState, tokens: &[u32]) -> Result<&'s [f32]> {
+        let f = self.fwd();
+        f.check(state, tokens)?;
+        let batch = MAX_BATCH.min(state.capacity()).max(1);
+        for chunk in tokens.chunks(batch) {
+            f.chunk(state, chunk, None);
+        }
+        Ok(state.logits())
+    }
+
+    /// Like [`LlamaModel::forward`] but returns every token's logits, `(tokens.len(), vocab)`.
+    pub fn forward_all_logits(&self, state: &mut LlamaState, tokens: &[u32]) -> Result<Vec<f32>> {
+        let f = self.fwd();
+        f.check(state, tokens)?;
+        let batch = MAX_BATCH.min(state.capacity()).max(1);
+        let mut all = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
+        for chunk in tokens.chunks(batch) {
+            f.chunk(state, chunk, Some(&mut all));
+        }
+        Ok(all)
     }
 }

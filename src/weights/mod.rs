@@ -55,6 +55,15 @@ impl Tensor<'_> {
     }
 }
 
+/// Where one tensor's elements live in a [`WeightStore`] (from [`WeightStore::tensor_ref`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorRef {
+    file: usize,
+    pub dtype: DType,
+    start: usize,
+    end: usize,
+}
+
 /// All tensors of a model, memory-mapped.
 pub struct WeightStore {
     files: Vec<MappedFile>,
@@ -233,13 +242,47 @@ impl WeightStore {
         let (key, e) = self.entries.get_key_value(name).ok_or_else(|| {
             Error::runtime(format!("tensor {name:?} not found in {}", self.describe()))
         })?;
-        let bytes = &self.files[e.file].map[e.start..e.end];
-        let n = bytes.len() / e.dtype.size();
-        // SAFETY: `bytes` lies inside the mapping (validated by read_metadata), its start is
-        // aligned to the element size (checked at open), f32/f16/bf16 accept any bit pattern,
-        // and safetensors data is little-endian like every target we build for.
-        let data = unsafe {
-            match e.dtype {
+        Ok(Tensor {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            data: self.view(e.file, e.dtype, e.start, e.end),
+        })
+    }
+
+    /// A small `Copy` handle to a tensor's bytes, so a model can resolve names once at load and
+    /// get views on every forward without hashing (see [`WeightStore::data`]).
+    pub fn tensor_ref(&self, name: &str) -> Result<TensorRef> {
+        let t = self.get(name)?;
+        let e = &self.entries[name];
+        Ok(TensorRef {
+            file: e.file,
+            dtype: t.dtype,
+            start: e.start,
+            end: e.end,
+        })
+    }
+
+    /// The elements a handle from [`WeightStore::tensor_ref`] of this store points at.
+    pub fn data(&self, r: TensorRef) -> Weights<'_> {
+        self.view(r.file, r.dtype, r.start, r.end)
+    }
+
+    fn view(&self, file: usize, dtype: DType, start: usize, end: usize) -> Weights<'_> {
+        // Bounds-checked slicing, and the alignment re-checked: a handle used with the wrong
+        // store panics here instead of reading outside a mapping.
+        let bytes = &self.files[file].map[start..end];
+        assert_eq!(
+            bytes.as_ptr() as usize % dtype.size(),
+            0,
+            "misaligned tensor view"
+        );
+        let n = bytes.len() / dtype.size();
+        // SAFETY: `bytes` lies inside the mapping (slice above; validated by read_metadata), its
+        // start is aligned to the element size (asserted above, checked at open), f32/f16/bf16
+        // accept any bit pattern, and safetensors data is little-endian like every target we build for.
+        unsafe {
+            match dtype {
                 DType::F32 => {
                     Weights::F32(std::slice::from_raw_parts(bytes.as_ptr() as *const f32, n))
                 }
@@ -250,13 +293,7 @@ impl WeightStore {
                     Weights::Bf16(std::slice::from_raw_parts(bytes.as_ptr() as *const bf16, n))
                 }
             }
-        };
-        Ok(Tensor {
-            name: key,
-            dtype: e.dtype,
-            shape: &e.shape,
-            data,
-        })
+        }
     }
 
     /// The tensor `name`, checked to have exactly `shape`.

@@ -1,0 +1,121 @@
+//! Kernel throughput at real model sizes, beside this machine's limits measured in the same
+//! run. matvec reports GB/s of weights read; matmul reports FLOPs as criterion "elements", so
+//! its Gelem/s column reads as GFLOP/s (2·n·m·k FLOP per product).
+//!
+//! `cargo bench -p spinfer-kernels --bench kernels` (add a filter such as `matvec/bf16` to run
+//! fewer). Sample counts are small: the machine is shared.
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use spinfer_kernels::{bf16, f16, kernels, probe, Precision, Weights};
+use std::hint::black_box;
+use std::time::Duration;
+
+/// Deterministic values in [-1, 1) (splitmix64; no rand crate).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+struct Mats {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+}
+impl Mats {
+    fn new(n: usize) -> Mats {
+        let v: Vec<f32> = values(n, 7).iter().map(|x| x * 0.05).collect();
+        Mats {
+            f16: v.iter().map(|&x| f16::from_f32(x)).collect(),
+            bf16: v.iter().map(|&x| bf16::from_f32(x)).collect(),
+            f32: v,
+        }
+    }
+    fn get(&self, rows: usize, cols: usize) -> [(&'static str, Weights<'_>); 3] {
+        let n = rows * cols;
+        [
+            ("bf16", Weights::Bf16(&self.bf16[..n])),
+            ("f16", Weights::F16(&self.f16[..n])),
+            ("f32", Weights::F32(&self.f32[..n])),
+        ]
+    }
+}
+
+fn matvec(c: &mut Criterion) {
+    let k = kernels();
+    let mats = Mats::new(32000 * 2048);
+    let x = values(2048, 3);
+    let mut g = c.benchmark_group("matvec");
+    for (rows, cols) in [(2048, 2048), (5632, 2048), (32000, 2048)] {
+        for (name, w) in mats.get(rows, cols) {
+            let mut y = vec![0f32; rows];
+            g.throughput(Throughput::Bytes((rows * cols * w.elem_size()) as u64));
+            g.bench_function(BenchmarkId::new(name, format!("{rows}x{cols}")), |b| {
+                b.iter(|| k.matvec(black_box(w), black_box(&x), &mut y))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    let k = kernels();
+    let (n, m, kk) = (128, 2048, 2048);
+    let mats = Mats::new(m * kk);
+    let x = values(n * kk, 5);
+    let mut y = vec![0f32; n * m];
+    let mut g = c.benchmark_group("matmul");
+    // Elements = FLOPs, so criterion's Gelem/s is GFLOP/s.
+    g.throughput(Throughput::Elements((2 * n * m * kk) as u64));
+    for (name, w) in mats.get(m, kk) {
+        g.bench_function(BenchmarkId::new(name, format!("{n}x{m}x{kk}")), |b| {
+            b.iter(|| k.matmul_with(Precision::Bf16Dot, black_box(w), &x, n, &mut y))
+        });
+        if name == "bf16" && k.has_bf16_dot() {
+            g.bench_function(
+                BenchmarkId::new("bf16-exact", format!("{n}x{m}x{kk}")),
+                |b| b.iter(|| k.matmul_with(Precision::Exact, black_box(w), &x, n, &mut y)),
+            );
+        }
+    }
+    g.finish();
+}
+
+fn print_limits() {
+    let threads = rayon::current_num_threads();
+    let k = kernels();
+    println!("tier: {}, threads: {threads}", k.isa());
+    println!(
+        "measured memory read bandwidth: {:.1} GB/s",
+        probe::measure_bandwidth_gbs()
+    );
+    println!(
+        "measured f32 FMA peak: {:.0} GFLOP/s",
+        probe::measure_fma_peak_gflops(threads)
+    );
+    if let Some(p) = probe::measure_bf16_peak_gflops(threads) {
+        println!("measured bf16 dot peak: {p:.0} GFLOP/s");
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = matvec, matmul
+}
+
+fn main() {
+    print_limits();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,88 @@
+//! Measure this machine's limits in the same run as a benchmark: memory read bandwidth and
+//! FMA / BF16-dot peak throughput, so results can be printed as a fraction of them.
+
+use std::time::Instant;
+
+/// Multi-threaded read bandwidth in GB/s (10^9 bytes/s) over a 1 GiB buffer (larger than the
+/// last-level cache a VM typically gets); best of three passes. Takes well under a second.
+pub fn measure_bandwidth_gbs() -> f64 {
+    measure_bandwidth_gbs_with(1 << 30)
+}
+
+/// [`measure_bandwidth_gbs`] over a buffer of `bytes` bytes, on the kernels' thread pool.
+pub fn measure_bandwidth_gbs_with(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = (bytes / 8).max(1 << 12);
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = words.div_ceil(threads * 4);
+    let mut buf: Vec<u64> = Vec::with_capacity(words);
+    // SAFETY: the capacity is `words`; every element is written below before it is read.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        buf.set_len(words)
+    };
+    // Touch every page (in parallel) so reads hit real memory, not the shared zero page.
+    buf.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = (i * chunk + j) as u64;
+        }
+    });
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: u64 = buf
+            .par_chunks(chunk)
+            .map(|c| {
+                let mut a = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        a[i] = a[i].wrapping_add(w[i]);
+                    }
+                }
+                a.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+            })
+            .reduce(|| 0, |a, b| a.wrapping_add(b));
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((words * 8) as f64 / dt / 1e9);
+    }
+    best
+}
+
+fn peak(threads: usize, f: fn(usize) -> f32, flop_per_iter: f64) -> f64 {
+    let threads = threads.max(1);
+    f(200_000); // warm up (clock ramp, page in code)
+    let iters = 4_000_000;
+    let mut best = 0f64;
+    for _ in 0..2 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads).map(|_| s.spawn(move || f(iters))).collect();
+            for h in hs {
+                std::hint::black_box(h.join().unwrap_or(0.0));
+            }
+        });
+        let dt = t.elapsed().as_secs_f64();
+        best = best.max(flop_per_iter * iters as f64 * threads as f64 / dt / 1e9);
+    }
+    best
+}
+
+/// f32 FMA peak in GFLOP/s of the active tier on `threads` threads (one FMA = 2 FLOP).
+pub fn measure_fma_peak_gflops(threads: usize) -> f64 {
+    let k = crate::kernels();
+    let lanes = match k.isa() {
+        crate::Isa::Avx512 => 16.0,
+        crate::Isa::Avx2 | crate::Isa::Portable => 8.0,
+        crate::Isa::Neon => 4.0,
+        crate::Isa::Scalar => 1.0,
+    };
+    peak(threads, k.t.burn, 12.0 * lanes * 2.0)
+}
+
+/// AVX-512 BF16 dot-product peak in GFLOP/s on `threads` threads (one `vdpbf16ps` = 64 FLOP),
+/// or None where the active tier has none.
+pub fn measure_bf16_peak_gflops(threads: usize) -> Option<f64> {
+    let f = crate::kernels().t.bf16_burn?;
+    Some(peak(threads, f, 12.0 * 64.0))
+}

@@ -1,0 +1,807 @@
+//! One kernel body for every vector tier. Each tier implements [`Simd`] over its own register
+//! type; the `#[inline(always)]` bodies here are instantiated inside that tier's
+//! `#[target_feature]` wrappers (see `tier_table!`), so the intrinsics inline with the right
+//! features enabled. No closures in hot loops: they would not inherit the target features.
+
+use crate::{bf16, f16, Weights};
+
+/// A vector register of `N` f32 lanes and the few operations the kernels need.
+///
+/// # Safety
+/// Every method may execute instructions of the tier's ISA: call them only from code compiled
+/// for (and running on) a CPU with those features. Pointers must be valid for `N` elements.
+pub(crate) trait Simd: Copy {
+    type V: Copy;
+    const N: usize;
+    unsafe fn splat(self, x: f32) -> Self::V;
+    unsafe fn load(self, p: *const f32) -> Self::V;
+    unsafe fn store(self, p: *mut f32, v: Self::V);
+    /// N IEEE half-precision values (as raw bits) widened to f32.
+    unsafe fn load_f16(self, p: *const u16) -> Self::V;
+    /// N bfloat16 values (as raw bits) widened to f32 (shift left by 16).
+    unsafe fn load_bf16(self, p: *const u16) -> Self::V;
+    unsafe fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(self, a: Self::V, b: Self::V) -> Self::V;
+    /// a * b + c, fused.
+    unsafe fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn min(self, a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn abs(self, a: Self::V) -> Self::V;
+    /// Round to the nearest integer (ties to even).
+    unsafe fn round(self, a: Self::V) -> Self::V;
+    /// 2^n for integer-valued n in [-126, 127].
+    unsafe fn pow2i(self, n: Self::V) -> Self::V;
+    /// a < b ? t : f, per lane.
+    unsafe fn select_lt(self, a: Self::V, b: Self::V, t: Self::V, f: Self::V) -> Self::V;
+    unsafe fn hsum(self, v: Self::V) -> f32;
+    unsafe fn hmax(self, v: Self::V) -> f32;
+}
+
+/// A weight dtype the kernels read directly from storage.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    unsafe fn vload<S: Simd>(s: S, p: *const Self) -> S::V;
+    fn f(self) -> f32;
+}
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(s: S, p: *const f32) -> S::V {
+        s.load(p)
+    }
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+impl Elem for f16 {
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(s: S, p: *const f16) -> S::V {
+        s.load_f16(p as *const u16)
+    }
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+}
+impl Elem for bf16 {
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(s: S, p: *const bf16) -> S::V {
+        s.load_bf16(p as *const u16)
+    }
+    #[inline(always)]
+    fn f(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// Largest lane count of any tier (AVX-512: 16).
+const MAXN: usize = 16;
+
+/// Load `len < N` floats into a zero-padded vector.
+#[inline(always)]
+unsafe fn load_tail<S: Simd>(s: S, p: *const f32, len: usize) -> S::V {
+    let mut buf = [0f32; MAXN];
+    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), len);
+    s.load(buf.as_ptr())
+}
+
+/// Store the first `len < N` lanes of `v`.
+#[inline(always)]
+unsafe fn store_tail<S: Simd>(s: S, p: *mut f32, len: usize, v: S::V) {
+    let mut buf = [0f32; MAXN];
+    s.store(buf.as_mut_ptr(), v);
+    std::ptr::copy_nonoverlapping(buf.as_ptr(), p, len);
+}
+
+// ---------------------------------------------------------------- products
+
+/// Dot products of `R` weight rows with `T` activation rows over `k` elements:
+/// out[t][r] = sum_j w[r][j] x[t][j]. One accumulator register per (t, r) pair.
+#[inline(always)]
+pub(crate) unsafe fn tile<S: Simd, E: Elem, const R: usize, const T: usize>(
+    s: S,
+    w: [*const E; R],
+    x: [*const f32; T],
+    k: usize,
+) -> [[f32; R]; T] {
+    let n = S::N;
+    let mut acc = [[s.splat(0.0); R]; T];
+    let mut i = 0;
+    while i + n <= k {
+        let mut wv = [s.splat(0.0); R];
+        for r in 0..R {
+            wv[r] = E::vload(s, w[r].add(i));
+        }
+        for t in 0..T {
+            let xv = s.load(x[t].add(i));
+            for r in 0..R {
+                acc[t][r] = s.fma(wv[r], xv, acc[t][r]);
+            }
+        }
+        i += n;
+    }
+    let mut out = [[0f32; R]; T];
+    for t in 0..T {
+        for r in 0..R {
+            let mut v = s.hsum(acc[t][r]);
+            for j in i..k {
+                v += (*w[r].add(j)).f() * *x[t].add(j);
+            }
+            out[t][r] = v;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], x: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    let rows = y.len();
+    let wp = w.as_ptr();
+    let xp = [x.as_ptr()];
+    let mut r = 0;
+    while r + 4 <= rows {
+        let ws = [
+            wp.add(r * k),
+            wp.add((r + 1) * k),
+            wp.add((r + 2) * k),
+            wp.add((r + 3) * k),
+        ];
+        let o = tile::<S, E, 4, 1>(s, ws, xp, k);
+        y[r..r + 4].copy_from_slice(&o[0]);
+        r += 4;
+    }
+    while r < rows {
+        y[r] = tile::<S, E, 1, 1>(s, [wp.add(r * k)], xp, k)[0][0];
+        r += 1;
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn matvec<S: Simd>(s: S, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
+    match w {
+        Weights::F32(w) => matvec_e(s, w, x, y),
+        Weights::F16(w) => matvec_e(s, w, x, y),
+        Weights::Bf16(w) => matvec_e(s, w, x, y),
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn dot<S: Simd>(s: S, w: Weights<'_>, x: &[f32]) -> f32 {
+    let mut y = [0f32];
+    matvec(s, w, x, &mut y);
+    y[0]
+}
+
+/// One matrix product job: Y (n, m) = X (n, k) · Wᵀ, W (m, k). `y` is shared between threads
+/// that each write a disjoint range of its columns.
+pub(crate) struct MatmulJob<'a> {
+    pub w: Weights<'a>,
+    pub x: &'a [f32],
+    /// X rounded to bf16 (n, k), for the AVX-512 BF16 path only.
+    pub xb: &'a [u16],
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    pub y: *mut f32,
+}
+// SAFETY: `y` is only written through disjoint column ranges by the threads sharing a job
+// (see `Kernels::matmul`), and the borrowed slices are read-only.
+unsafe impl Sync for MatmulJob<'_> {}
+
+/// K-block: an X tile (T rows × KC f32) stays in L1 while W rows stream from L2.
+pub(crate) const KC: usize = 512;
+/// M-block: the packed f32 W block (MC × KC) stays in L2.
+pub(crate) const MC: usize = 64;
+
+thread_local! {
+    /// Per-thread scratch for W blocks widened to f32 (MC × KC), allocated once per thread.
+    static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Write (first k-block) or accumulate a result tile into Y.
+#[inline(always)]
+unsafe fn put<const R: usize, const T: usize>(
+    y: *mut f32,
+    m: usize,
+    t0: usize,
+    r0: usize,
+    o: &[[f32; R]; T],
+    first: bool,
+) {
+    for t in 0..T {
+        let row = y.add((t0 + t) * m + r0);
+        for r in 0..R {
+            if first {
+                *row.add(r) = o[t][r];
+            } else {
+                *row.add(r) += o[t][r];
+            }
+        }
+    }
+}
+
+/// Y[:, r0..r1] for weight rows `wb` (pointers to rows of `E` with row stride `ws`, already
+/// offset to the current k-block `kb..kb+kc`) over all tokens. Tiles of RT rows × TT tokens.
+#[inline(always)]
+unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    wb: *const E,
+    ws: usize,
+    rows: usize,
+    rbase: usize,
+    kb: usize,
+    kc: usize,
+) {
+    let (n, k, m, y) = (job.n, job.k, job.m, job.y);
+    let xp = job.x.as_ptr().add(kb);
+    let first = kb == 0;
+    let mut t = 0;
+    while t < n {
+        let tt = TT.min(n - t);
+        let mut r = 0;
+        while r < rows {
+            let rr = RT.min(rows - r);
+            if rr == RT && tt == TT {
+                let mut w = [wb; RT];
+                for i in 0..RT {
+                    w[i] = wb.add((r + i) * ws);
+                }
+                let mut x = [xp; TT];
+                for i in 0..TT {
+                    x[i] = xp.add((t + i) * k);
+                }
+                let o = tile::<S, E, RT, TT>(s, w, x, kc);
+                put(y, m, t, rbase + r, &o, first);
+            } else {
+                // Edges: one row × one token at a time.
+                for i in 0..rr {
+                    for j in 0..tt {
+                        let o = tile::<S, E, 1, 1>(
+                            s,
+                            [wb.add((r + i) * ws)],
+                            [xp.add((t + j) * k)],
+                            kc,
+                        );
+                        put(y, m, t + j, rbase + r + i, &o, first);
+                    }
+                }
+            }
+            r += rr;
+        }
+        t += tt;
+    }
+}
+
+/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Half-precision weights are
+/// widened once per (MC × KC) block into a per-thread scratch and reused by every token.
+#[inline(always)]
+pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    r0: usize,
+    r1: usize,
+) {
+    match job.w {
+        Weights::F32(w) => matmul_direct::<S, f32, RT, TT>(s, job, w, r0, r1),
+        Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
+        Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
+    }
+}
+
+#[inline(always)]
+unsafe fn matmul_direct<S: Simd, E: Elem, const RT: usize, const TT: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    w: &[E],
+    r0: usize,
+    r1: usize,
+) {
+    let k = job.k;
+    let mut kb = 0;
+    while kb < k.max(1) {
+        let kc = KC.min(k - kb);
+        let mut rb = r0;
+        while rb < r1 {
+            let rows = MC.min(r1 - rb);
+            let wb = w.as_ptr().add(rb * k + kb);
+            block::<S, E, RT, TT>(s, job, wb, k, rows, rb, kb, kc);
+            rb += rows;
+        }
+        kb += KC;
+    }
+}
+
+#[inline(always)]
+unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    w: &[E],
+    r0: usize,
+    r1: usize,
+) {
+    // Too few tokens to amortise widening: read the stored dtype directly.
+    if job.n < 4 {
+        return matmul_direct::<S, E, RT, TT>(s, job, w, r0, r1);
+    }
+    let k = job.k;
+    PACK.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < MC * KC {
+            p.resize(MC * KC, 0.0);
+        }
+        let pk = p.as_mut_ptr();
+        let mut kb = 0;
+        while kb < k.max(1) {
+            let kc = KC.min(k - kb);
+            let mut rb = r0;
+            while rb < r1 {
+                let rows = MC.min(r1 - rb);
+                for r in 0..rows {
+                    let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
+                    let dst = std::slice::from_raw_parts_mut(pk.add(r * kc), kc);
+                    widen(s, src, dst);
+                }
+                block::<S, f32, RT, TT>(s, job, pk, kc, rows, rb, kb, kc);
+                rb += rows;
+            }
+            kb += KC;
+        }
+    });
+}
+
+#[inline(always)]
+unsafe fn widen<S: Simd, E: Elem>(s: S, src: &[E], dst: &mut [f32]) {
+    let n = S::N;
+    let len = src.len().min(dst.len());
+    let mut i = 0;
+    while i + n <= len {
+        s.store(dst.as_mut_ptr().add(i), E::vload(s, src.as_ptr().add(i)));
+        i += n;
+    }
+    for j in i..len {
+        dst[j] = src[j].f();
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn to_f32<S: Simd>(s: S, w: Weights<'_>, out: &mut [f32]) {
+    match w {
+        Weights::F32(w) => out.copy_from_slice(w),
+        Weights::F16(w) => widen(s, w, out),
+        Weights::Bf16(w) => widen(s, w, out),
+    }
+}
+
+// ---------------------------------------------------------------- math
+
+/// e^x, Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp.
+/// Inputs below -87.3 give 0 (so masked scores of -inf vanish exactly).
+#[inline(always)]
+pub(crate) unsafe fn exp<S: Simd>(s: S, x: S::V) -> S::V {
+    let lo = s.splat(-87.33654);
+    let xc = s.min(s.max(x, lo), s.splat(88.72283));
+    let n = s.round(s.mul(xc, s.splat(std::f32::consts::LOG2_E)));
+    let r = s.fma(n, s.splat(-0.693_359_4), xc);
+    let r = s.fma(n, s.splat(2.121_944_4e-4), r);
+    let mut p = s.splat(1.987_569_1e-4);
+    p = s.fma(p, r, s.splat(1.398_199_9e-3));
+    p = s.fma(p, r, s.splat(8.333_452e-3));
+    p = s.fma(p, r, s.splat(4.166_579_6e-2));
+    p = s.fma(p, r, s.splat(1.666_666_5e-1));
+    p = s.fma(p, r, s.splat(5.000_000_1e-1));
+    let r2 = s.mul(r, r);
+    let e = s.add(s.fma(p, r2, r), s.splat(1.0));
+    let v = s.mul(e, s.pow2i(n));
+    s.select_lt(x, lo, s.splat(0.0), v)
+}
+
+/// erfc(z) for z >= 0 (Numerical Recipes `erfcc`, fractional error < 1.2e-7 everywhere).
+#[inline(always)]
+unsafe fn erfc_pos<S: Simd>(s: S, z: S::V) -> S::V {
+    let one = s.splat(1.0);
+    let t = s.div(one, s.fma(s.splat(0.5), z, one));
+    let c = [
+        0.170_872_77,
+        -0.822_152_23,
+        1.488_515_87,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_68,
+        -1.265_512_23,
+    ];
+    let mut p = s.splat(c[0]);
+    for &ci in &c[1..] {
+        p = s.fma(p, t, s.splat(ci));
+    }
+    // exp(-z^2 + p)
+    let a = s.fma(s.sub(s.splat(0.0), z), z, p);
+    s.mul(t, exp(s, a))
+}
+
+/// GELU(x) = x Φ(x) = 0.5 x erfc(-x/√2); for x >= 0 written as x - 0.5 x erfc(x/√2) so both
+/// sides keep the relative accuracy of erfc.
+#[inline(always)]
+unsafe fn gelu_v<S: Simd>(s: S, x: S::V) -> S::V {
+    let z = s.mul(s.abs(x), s.splat(std::f32::consts::FRAC_1_SQRT_2));
+    let h = s.mul(s.mul(s.splat(0.5), x), erfc_pos(s, z));
+    s.select_lt(x, s.splat(0.0), h, s.sub(x, h))
+}
+
+/// x / (1 + e^-x)
+#[inline(always)]
+unsafe fn silu_v<S: Simd>(s: S, x: S::V) -> S::V {
+    let e = exp(s, s.sub(s.splat(0.0), x));
+    s.div(x, s.add(s.splat(1.0), e))
+}
+
+// ---------------------------------------------------------------- elementwise
+
+#[inline(always)]
+pub(crate) unsafe fn silu<S: Simd>(s: S, x: &mut [f32]) {
+    let (n, p) = (S::N, x.as_mut_ptr());
+    let mut i = 0;
+    while i + n <= x.len() {
+        s.store(p.add(i), silu_v(s, s.load(p.add(i))));
+        i += n;
+    }
+    if i < x.len() {
+        let v = silu_v(s, load_tail(s, p.add(i), x.len() - i));
+        store_tail(s, p.add(i), x.len() - i, v);
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn silu_mul<S: Simd>(s: S, g: &mut [f32], u: &[f32]) {
+    let (n, p, q) = (S::N, g.as_mut_ptr(), u.as_ptr());
+    let len = g.len().min(u.len());
+    let mut i = 0;
+    while i + n <= len {
+        s.store(
+            p.add(i),
+            s.mul(silu_v(s, s.load(p.add(i))), s.load(q.add(i))),
+        );
+        i += n;
+    }
+    if i < len {
+        let v = s.mul(
+            silu_v(s, load_tail(s, p.add(i), len - i)),
+            load_tail(s, q.add(i), len - i),
+        );
+        store_tail(s, p.add(i), len - i, v);
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn gelu<S: Simd>(s: S, x: &mut [f32]) {
+    let (n, p) = (S::N, x.as_mut_ptr());
+    let mut i = 0;
+    while i + n <= x.len() {
+        s.store(p.add(i), gelu_v(s, s.load(p.add(i))));
+        i += n;
+    }
+    if i < x.len() {
+        let v = gelu_v(s, load_tail(s, p.add(i), x.len() - i));
+        store_tail(s, p.add(i), x.len() - i, v);
+    }
+}
+
+/// Sum of squares (two accumulators).
+#[inline(always)]
+unsafe fn sumsq<S: Simd>(s: S, x: &[f32], shift: f32) -> f32 {
+    let (n, p) = (S::N, x.as_ptr());
+    let c = s.splat(shift);
+    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
+    let mut i = 0;
+    while i + 2 * n <= x.len() {
+        let v0 = s.sub(s.load(p.add(i)), c);
+        let v1 = s.sub(s.load(p.add(i + n)), c);
+        a0 = s.fma(v0, v0, a0);
+        a1 = s.fma(v1, v1, a1);
+        i += 2 * n;
+    }
+    let mut acc = s.hsum(s.add(a0, a1));
+    for &v in &x[i..] {
+        acc += (v - shift) * (v - shift);
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn sum<S: Simd>(s: S, x: &[f32]) -> f32 {
+    let (n, p) = (S::N, x.as_ptr());
+    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
+    let mut i = 0;
+    while i + 2 * n <= x.len() {
+        a0 = s.add(s.load(p.add(i)), a0);
+        a1 = s.add(s.load(p.add(i + n)), a1);
+        i += 2 * n;
+    }
+    let mut acc = s.hsum(s.add(a0, a1));
+    for &v in &x[i..] {
+        acc += v;
+    }
+    acc
+}
+
+/// out = (x - c) * a * w (+ b)
+#[inline(always)]
+unsafe fn norm_apply<S: Simd>(
+    s: S,
+    x: &[f32],
+    c: f32,
+    a: f32,
+    w: &[f32],
+    b: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let n = S::N;
+    let len = x.len();
+    let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let (cv, av) = (s.splat(c), s.splat(a));
+    let mut i = 0;
+    while i + n <= len {
+        let v = s.mul(s.mul(s.sub(s.load(xp.add(i)), cv), av), s.load(wp.add(i)));
+        let v = match b {
+            Some(b) => s.add(v, s.load(b.as_ptr().add(i))),
+            None => v,
+        };
+        s.store(op.add(i), v);
+        i += n;
+    }
+    for j in i..len {
+        let v = (x[j] - c) * a * w[j];
+        out[j] = match b {
+            Some(b) => v + b[j],
+            None => v,
+        };
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn rmsnorm<S: Simd>(s: S, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = sumsq(s, x, 0.0) / x.len().max(1) as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    norm_apply(s, x, 0.0, inv, w, None, out);
+}
+
+#[inline(always)]
+pub(crate) unsafe fn layernorm<S: Simd>(
+    s: S,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    let nn = x.len().max(1) as f32;
+    let mean = sum(s, x) / nn;
+    let var = sumsq(s, x, mean) / nn;
+    let inv = 1.0 / (var + eps).sqrt();
+    norm_apply(s, x, mean, inv, w, Some(b), out);
+}
+
+#[inline(always)]
+pub(crate) unsafe fn softmax<S: Simd>(s: S, x: &mut [f32]) {
+    let (n, p) = (S::N, x.as_mut_ptr());
+    let len = x.len();
+    if len == 0 {
+        return;
+    }
+    let mut mv = s.splat(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i + n <= len {
+        mv = s.max(mv, s.load(p.add(i)));
+        i += n;
+    }
+    let mut mx = s.hmax(mv);
+    for &v in &x[i..] {
+        mx = mx.max(v);
+    }
+    let mxv = s.splat(mx);
+    let mut acc = s.splat(0.0);
+    let mut i = 0;
+    while i + n <= len {
+        let e = exp(s, s.sub(s.load(p.add(i)), mxv));
+        s.store(p.add(i), e);
+        acc = s.add(acc, e);
+        i += n;
+    }
+    let mut total = s.hsum(acc);
+    if i < len {
+        // Padding lanes are excluded from the sum by storing only the live lanes and summing
+        // them in scalar.
+        let e = exp(s, s.sub(load_tail(s, p.add(i), len - i), mxv));
+        store_tail(s, p.add(i), len - i, e);
+        for &v in &x[i..] {
+            total += v;
+        }
+    }
+    scale(s, x, 1.0 / total);
+}
+
+#[inline(always)]
+pub(crate) unsafe fn rope<S: Simd>(s: S, x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    let n = S::N;
+    let half = hd / 2;
+    let (cp, sp) = (cos.as_ptr(), sin.as_ptr());
+    for head in x.chunks_exact_mut(hd) {
+        let p = head.as_mut_ptr();
+        let mut i = 0;
+        while i + n <= half {
+            let a = s.load(p.add(i));
+            let b = s.load(p.add(i + half));
+            let c = s.load(cp.add(i));
+            let sn = s.load(sp.add(i));
+            s.store(p.add(i), s.sub(s.mul(a, c), s.mul(b, sn)));
+            s.store(p.add(i + half), s.fma(a, sn, s.mul(b, c)));
+            i += n;
+        }
+        for j in i..half {
+            let (a, b) = (head[j], head[j + half]);
+            head[j] = a * cos[j] - b * sin[j];
+            head[j + half] = b * cos[j] + a * sin[j];
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn add<S: Simd>(s: S, x: &mut [f32], y: &[f32]) {
+    let (n, p, q) = (S::N, x.as_mut_ptr(), y.as_ptr());
+    let len = x.len().min(y.len());
+    let mut i = 0;
+    while i + n <= len {
+        s.store(p.add(i), s.add(s.load(p.add(i)), s.load(q.add(i))));
+        i += n;
+    }
+    for j in i..len {
+        x[j] += y[j];
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
+    let (n, p) = (S::N, x.as_mut_ptr());
+    let av = s.splat(a);
+    let mut i = 0;
+    while i + n <= x.len() {
+        s.store(p.add(i), s.mul(s.load(p.add(i)), av));
+        i += n;
+    }
+    for v in &mut x[i..] {
+        *v *= a;
+    }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn axpy<S: Simd>(s: S, y: &mut [f32], a: f32, x: &[f32]) {
+    let (n, p, q) = (S::N, y.as_mut_ptr(), x.as_ptr());
+    let len = x.len().min(y.len());
+    let av = s.splat(a);
+    let mut i = 0;
+    while i + n <= len {
+        s.store(p.add(i), s.fma(av, s.load(q.add(i)), s.load(p.add(i))));
+        i += n;
+    }
+    for j in i..len {
+        y[j] += a * x[j];
+    }
+}
+
+/// Spin independent FMA chains for `iters` rounds (the probe's FMA peak): 2·N·12 FLOP a round.
+#[inline(always)]
+pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
+    let mut acc = [s.splat(0.0); 12];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = s.splat(i as f32 * 1e-3);
+    }
+    let (m, c) = (s.splat(0.999_999), s.splat(1e-7));
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = s.fma(*a, m, c);
+        }
+    }
+    let mut t = s.splat(0.0);
+    for a in acc {
+        t = s.add(t, a);
+    }
+    s.hsum(t)
+}
+
+/// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
+/// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
+/// `$S` the tier's [`Simd`] token; `$rt`/`$tt` the matmul tile (weight rows × tokens).
+macro_rules! tier_table {
+    ($name:ident, $S:expr, $attr:meta, $rt:literal, $tt:literal, $bf16mm:expr, $bf16burn:expr) => {
+        use crate::simd as g;
+        use crate::Weights;
+        // SAFETY (all wrappers below): the table holding these fns is only handed out by
+        // `Kernels::for_isa` after the CPU was checked for the features in `$attr`.
+        #[$attr]
+        unsafe fn dot_(w: Weights<'_>, x: &[f32]) -> f32 {
+            g::dot($S, w, x)
+        }
+        #[$attr]
+        unsafe fn matvec_(w: Weights<'_>, x: &[f32], y: &mut [f32]) {
+            g::matvec($S, w, x, y)
+        }
+        #[$attr]
+        unsafe fn matmul_(j: &g::MatmulJob<'_>, r0: usize, r1: usize) {
+            g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
+        }
+        #[$attr]
+        unsafe fn rmsnorm_(x: &[f32], w: &[f32], e: f32, o: &mut [f32]) {
+            g::rmsnorm($S, x, w, e, o)
+        }
+        #[$attr]
+        unsafe fn layernorm_(x: &[f32], w: &[f32], b: &[f32], e: f32, o: &mut [f32]) {
+            g::layernorm($S, x, w, b, e, o)
+        }
+        #[$attr]
+        unsafe fn softmax_(x: &mut [f32]) {
+            g::softmax($S, x)
+        }
+        #[$attr]
+        unsafe fn silu_(x: &mut [f32]) {
+            g::silu($S, x)
+        }
+        #[$attr]
+        unsafe fn silu_mul_(x: &mut [f32], u: &[f32]) {
+            g::silu_mul($S, x, u)
+        }
+        #[$attr]
+        unsafe fn gelu_(x: &mut [f32]) {
+            g::gelu($S, x)
+        }
+        #[$attr]
+        unsafe fn rope_(x: &mut [f32], hd: usize, c: &[f32], s: &[f32]) {
+            g::rope($S, x, hd, c, s)
+        }
+        #[$attr]
+        unsafe fn add_(x: &mut [f32], y: &[f32]) {
+            g::add($S, x, y)
+        }
+        #[$attr]
+        unsafe fn scale_(x: &mut [f32], a: f32) {
+            g::scale($S, x, a)
+        }
+        #[$attr]
+        unsafe fn axpy_(y: &mut [f32], a: f32, x: &[f32]) {
+            g::axpy($S, y, a, x)
+        }
+        #[$attr]
+        unsafe fn to_f32_(w: Weights<'_>, o: &mut [f32]) {
+            g::to_f32($S, w, o)
+        }
+        #[$attr]
+        unsafe fn burn_(iters: usize) -> f32 {
+            g::burn($S, iters)
+        }
+
+        pub(crate) static $name: crate::Table = crate::Table {
+            dot: |w, x| unsafe { dot_(w, x) },
+            matvec: |w, x, y| unsafe { matvec_(w, x, y) },
+            matmul: |j, a, b| unsafe { matmul_(j, a, b) },
+            matmul_bf16: $bf16mm,
+            rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
+            layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
+            softmax: |x| unsafe { softmax_(x) },
+            silu: |x| unsafe { silu_(x) },
+            silu_mul: |x, u| unsafe { silu_mul_(x, u) },
+            gelu: |x| unsafe { gelu_(x) },
+            rope: |x, h, c, s| unsafe { rope_(x, h, c, s) },
+            add: |x, y| unsafe { add_(x, y) },
+            scale: |x, a| unsafe { scale_(x, a) },
+            axpy: |y, a, x| unsafe { axpy_(y, a, x) },
+            to_f32: |w, o| unsafe { to_f32_(w, o) },
+            burn: |i| unsafe { burn_(i) },
+            bf16_burn: $bf16burn,
+        };
+    };
+}
+pub(crate) use tier_table;

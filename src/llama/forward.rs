@@ -1,0 +1,282 @@
+//! The forward pass: a batch of tokens (prefill, matrix-matrix kernels) or a single token
+//! (decode, matrix-vector kernels) against a KV cache allocated once per state.
+
+use super::config::LlamaConfig;
+use super::model::ModelWeights;
+use crate::{Error, Result};
+use rayon::prelude::*;
+use spinfer_kernels::{Kernels, Weights};
+
+/// Most tokens one pass processes; longer prompts run in chunks of this size so scratch stays
+/// bounded (the weights are then streamed once per chunk, which costs little at this size).
+pub const MAX_BATCH: usize = 256;
+
+/// KV cache and activation scratch for one sequence. Everything is allocated in `new`.
+pub struct LlamaState {
+    pos: usize,
+    capacity: usize,
+    batch: usize,
+    k_cache: Vec<f32>,   // (n_layers, capacity, kv_heads*head_dim), RoPE applied
+    v_cache: Vec<f32>,   // (n_layers, capacity, kv_heads*head_dim)
+    x: Vec<f32>,         // (batch, hidden) residual stream
+    xn: Vec<f32>,        // (batch, hidden) normed input / projection output
+    q: Vec<f32>,         // (batch, n_heads*head_dim)
+    att_heads: Vec<f32>, // (n_heads, batch, head_dim) attention output, head-major
+    att: Vec<f32>,       // (batch, n_heads*head_dim) attention output, token-major
+    scores: Vec<f32>,    // (n_heads, capacity) one row of attention weights per head
+    gate: Vec<f32>,      // (batch, intermediate)
+    up: Vec<f32>,        // (batch, intermediate)
+    cos: Vec<f32>,       // (batch, head_dim/2) RoPE cos for the batch's positions
+    sin: Vec<f32>,       // (batch, head_dim/2)
+    logits: Vec<f32>,    // (vocab) of the last token run
+}
+
+impl LlamaState {
+    pub(crate) fn new(cfg: &LlamaConfig, capacity: usize) -> LlamaState {
+        let capacity = capacity.min(cfg.max_position_embeddings);
+        let batch = capacity.clamp(1, MAX_BATCH);
+        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let cache = cfg.num_hidden_layers * capacity * kvd;
+        LlamaState {
+            pos: 0,
+            capacity,
+            batch,
+            k_cache: vec![0.0; cache],
+            v_cache: vec![0.0; cache],
+            x: vec![0.0; batch * h],
+            xn: vec![0.0; batch * h],
+            q: vec![0.0; batch * qd],
+            att_heads: vec![0.0; batch * qd],
+            att: vec![0.0; batch * qd],
+            scores: vec![0.0; cfg.num_attention_heads * capacity.max(1)],
+            gate: vec![0.0; batch * cfg.intermediate_size],
+            up: vec![0.0; batch * cfg.intermediate_size],
+            cos: vec![0.0; batch * cfg.head_dim / 2],
+            sin: vec![0.0; batch * cfg.head_dim / 2],
+            logits: vec![0.0; cfg.vocab_size],
+        }
+    }
+
+    /// Positions already in the KV cache.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Most positions this state can hold (the requested capacity, capped at the context).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forget the sequence; the buffers are kept.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Logits of the last token run (vocab).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
+/// y = x Wᵀ for `n` rows; the matrix-vector kernel for a single row (decode).
+fn mm(k: &Kernels, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+    if n == 1 {
+        k.matvec(w, x, y)
+    } else {
+        k.matmul(w, x, n, y)
+    }
+}
+
+pub(crate) struct Forward<'a> {
+    pub cfg: &'a LlamaConfig,
+    pub w: &'a ModelWeights,
+    pub k: &'static Kernels,
+    pub inv_freq: &'a [f32], // (head_dim/2)
+}
+
+impl Forward<'_> {
+    /// Check a request before touching the state.
+    pub fn check(&self, state: &LlamaState, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("no tokens to run"));
+        }
+        let end = state.pos + tokens.len();
+        if end > self.cfg.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "{} tokens at position {} exceed the model's context of {} tokens",
+                tokens.len(),
+                state.pos,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if end > state.capacity {
+            return Err(Error::invalid(format!(
+                "{} tokens at position {} exceed the KV cache capacity of {} tokens",
+                tokens.len(),
+                state.pos,
+                state.capacity
+            )));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run `tokens` (at most `state.batch`) at positions `state.pos..`; leaves the final
+    /// hidden states in `state.x` and writes the last token's logits; with `all_logits`, also
+    /// appends every token's logits there (tests).
+    pub fn chunk(&self, s: &mut LlamaState, tokens: &[u32], all_logits: Option<&mut Vec<f32>>) {
+        let cfg = self.cfg;
+        let k = self.k;
+        let n = tokens.len();
+        debug_assert!(n >= 1 && n <= s.batch && s.pos + n <= s.capacity);
+        let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let (inter, eps, p0, cap) = (cfg.intermediate_size, cfg.rms_norm_eps, s.pos, s.capacity);
+        let half = hd / 2;
+
+        // Embeddings, widened to f32.
+        let embed = self.w.w(self.w.embed);
+        for (t, &tok) in tokens.iter().enumerate() {
+            k.to_f32(embed.row(tok as usize, h), &mut s.x[t * h..(t + 1) * h]);
+        }
+        // RoPE angles for these positions: f32 (position * inv_freq) as transformers computes.
+        for t in 0..n {
+            let p = (p0 + t) as f32;
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let a = (p * f) as f64;
+                s.cos[t * half + i] = a.cos() as f32;
+                s.sin[t * half + i] = a.sin() as f32;
+            }
+        }
+
+        let x = &mut s.x[..n * h];
+        let xn = &mut s.xn[..n * h];
+        let q = &mut s.q[..n * qd];
+        let gate = &mut s.gate[..n * inter];
+        let up = &mut s.up[..n * inter];
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            // Attention block.
+            for t in 0..n {
+                let r = t * h..(t + 1) * h;
+                k.rmsnorm(&x[r.clone()], &lw.attn_norm, eps, &mut xn[r]);
+            }
+            let layer = l * cap * kvd;
+            let kc = &mut s.k_cache[layer + p0 * kvd..layer + (p0 + n) * kvd]; // (n, kvd)
+            let vc = &mut s.v_cache[layer + p0 * kvd..layer + (p0 + n) * kvd]; // (n, kvd)
+            mm(k, self.w.w(lw.wq), xn, n, q);
+            mm(k, self.w.w(lw.wk), xn, n, kc);
+            mm(k, self.w.w(lw.wv), xn, n, vc);
+            for t in 0..n {
+                let (c, sn) = (
+                    &s.cos[t * half..(t + 1) * half],
+                    &s.sin[t * half..(t + 1) * half],
+                );
+                k.rope(&mut q[t * qd..(t + 1) * qd], hd, c, sn);
+                k.rope(&mut kc[t * kvd..(t + 1) * kvd], hd, c, sn);
+            }
+            let keys = &s.k_cache[layer..layer + (p0 + n) * kvd]; // (p0+n, kvd)
+            let values = &s.v_cache[layer..layer + (p0 + n) * kvd]; // (p0+n, kvd)
+            self.attention(
+                q,
+                keys,
+                values,
+                p0,
+                n,
+                &mut s.att_heads[..n * qd],
+                &mut s.scores,
+            );
+            // (n_heads, n, hd) -> (n, n_heads*hd)
+            let att = &mut s.att[..n * qd];
+            for head in 0..cfg.num_attention_heads {
+                for t in 0..n {
+                    let src = (head * n + t) * hd;
+                    att[t * qd + head * hd..t * qd + (head + 1) * hd]
+                        .copy_from_slice(&s.att_heads[src..src + hd]);
+                }
+            }
+            mm(k, self.w.w(lw.wo), att, n, xn);
+            k.add(x, xn);
+
+            // SwiGLU feed-forward block.
+            for t in 0..n {
+                let r = t * h..(t + 1) * h;
+                k.rmsnorm(&x[r.clone()], &lw.ffn_norm, eps, &mut xn[r]);
+            }
+            mm(k, self.w.w(lw.w_gate), xn, n, gate);
+            mm(k, self.w.w(lw.w_up), xn, n, up);
+            k.silu_mul(gate, up);
+            mm(k, self.w.w(lw.w_down), gate, n, xn);
+            k.add(x, xn);
+        }
+
+        // Final norm and lm_head: only the last row unless every row's logits were asked for.
+        let lm_head = self.w.w(self.w.lm_head);
+        let first = if all_logits.is_some() { 0 } else { n - 1 };
+        let mut all = all_logits;
+        for t in first..n {
+            let r = t * h..(t + 1) * h;
+            k.rmsnorm(&x[r.clone()], &self.w.norm, eps, &mut xn[r.clone()]);
+            k.matvec(lm_head, &xn[r], &mut s.logits);
+            if let Some(all) = all.as_deref_mut() {
+                all.extend_from_slice(&s.logits);
+            }
+        }
+        s.pos += n;
+    }
+
+    /// Causal attention of the `n` queries at positions `p0..p0+n` over the cached keys and
+    /// values of positions `0..p0+n`. GQA: query head `h` reads kv head `h / (heads/kv_heads)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &[f32],      // (n, n_heads*head_dim), RoPE applied
+        keys: &[f32],   // (p0+n, kv_heads*head_dim)
+        values: &[f32], // (p0+n, kv_heads*head_dim)
+        p0: usize,
+        n: usize,
+        out: &mut [f32],    // (n_heads, n, head_dim)
+        scores: &mut [f32], // (n_heads, capacity)
+    ) {
+        let cfg = self.cfg;
+        let k = self.k;
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let row = scores.len() / cfg.num_attention_heads;
+        let one_head = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+            let g = head / group;
+            for t in 0..n {
+                let len = p0 + t + 1; // causal: positions 0..=p0+t
+                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                let s = &mut scores[..len];
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let kj = &keys[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    *sj = k.dot(Weights::F32(kj), qt) * scale;
+                }
+                k.softmax(s);
+                let o = &mut out[t * hd..(t + 1) * hd];
+                o.fill(0.0);
+                for (j, &sj) in s.iter().enumerate() {
+                    k.axpy(o, sj, &values[j * kvd + g * hd..j * kvd + (g + 1) * hd]);
+                }
+            }
+        };
+        // Threads pay off only when there is enough work per layer.
+        let work = cfg.num_attention_heads * n * (p0 + n) * hd;
+        if work >= 1 << 16 && cfg.num_attention_heads > 1 {
+            out.par_chunks_mut(n * hd)
+                .zip(scores.par_chunks_mut(row))
+                .enumerate()
+                .for_each(one_head);
+        } else {
+            out.chunks_mut(n * hd)
+                .zip(scores.chunks_mut(row))
+                .enumerate()
+                .for_each(one_head);
+        }
+    }
+}
