@@ -2,6 +2,7 @@
 //! (`fermyon:spin/llm`): `infer`, `infer_with_options` and `generate_embeddings` over Llama
 //! language models and BERT sentence embedders (all-MiniLM-L6-v2) in Spin's registry layout.
 
+pub mod bench;
 pub mod bert;
 pub mod engine;
 pub mod llama;

@@ -1,182 +1,46 @@
 //! The Llama model against transformers' float32 references (fixtures/reference/llama/*.json,
 //! made by fixtures/make_llama_fixtures.py), and its errors on bad model folders.
+//! tests/llama_exact.rs repeats the reference check with the bf16 dot-product path turned off.
 
-use serde_json::Value;
+mod llama_common;
+
+use llama_common::*;
 use spinfer::llama::LlamaModel;
 use spinfer::Error;
 use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn model_dir(name: &str) -> PathBuf {
-    root().join("registry/llama").join(name)
-}
-
-fn reference(name: &str) -> Value {
-    let path = root().join(format!("reference/llama/{name}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    serde_json::from_str(&text).unwrap()
-}
-
-/// Every fixture model that has a reference.
-fn fixture_models() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(root().join("reference/llama"))
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            let stem = name.strip_suffix(".json")?;
-            model_dir(stem).is_dir().then(|| stem.to_string())
-        })
-        .collect();
-    names.sort();
-    assert!(
-        names.len() >= 5,
-        "expected the fixture models, found {names:?}"
-    );
-    names
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// ‖a − b‖² / ‖b‖², accumulated in f64.
-fn nmse(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    num / den
-}
-
-/// The first index of the maximum (torch.argmax's tie rule).
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// NMSE bound for a model's logits, by stored weight dtype.
 ///
 /// Both sides compute in f32 from the same stored weights (transformers upcasts them), so for
 /// f32 and f16 weights the only differences are accumulation order and the 6 significant digits
 /// the reference keeps: per-element relative error ~1e-6 at most, i.e. NMSE ~1e-12..1e-9 after a
-/// few layers; 1e-6 leaves margin and is still six orders below a wrong model (NMSE ~1).
+/// few layers (measured: 3e-12..6e-12); 1e-6 leaves margin and is still six orders below a wrong
+/// model (NMSE ~1).
 /// For bf16 weights the kernels' matmul may round activations to bf16 for AVX-512 BF16 dot
 /// products (prefill only; the decode matvec stays f32, but decode steps read the K/V the
-/// prefill wrote): relative error ~2^-9 per rounded input, NMSE ~(2^-9)²/3 ≈ 1.3e-6 per product,
-/// compounded over the layers and the logit projection; 1e-4 bounds that.
+/// prefill wrote): relative error up to 2^-9 per rounded input, NMSE ~(2^-9)²/3 ≈ 1.3e-6 per
+/// product, about eight rounded products per layer, amplified by the fixtures' random weights
+/// (scaled for clear greedy margins): measured here up to 7e-5; fixtures/check_llama_bf16_rounding.py
+/// rounds every linear input to bf16 in transformers and finds at most 1.9e-4 (llama-mqa-bf16)
+/// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. With f32
+/// activations bf16 models measure ~4e-12 too (tests/llama_exact.rs).
 fn nmse_bound(dtype: &str) -> f64 {
+    let k = spinfer::kernels::kernels();
+    let bf16_dot = k.has_bf16_dot() && spinfer::kernels::bf16_dot_enabled();
     match dtype {
-        "bfloat16" => 1e-4,
+        "bfloat16" if bf16_dot => 1e-3,
         _ => 1e-6,
     }
 }
 
 #[test]
 fn greedy_and_logits_match_transformers_on_every_fixture() {
-    let mut report = Vec::new();
-    for name in fixture_models() {
-        let r = reference(&name);
-        let dir = model_dir(&name);
-        let model = LlamaModel::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let dtype = r["dtype"].as_str().unwrap();
-        let bound = nmse_bound(dtype);
-        let eos: Vec<u32> = ids(&r["config"]["eos_token_ids"]);
-        assert_eq!(model.eos_ids(), &eos[..], "{name}: eos ids");
-        let n_new = r["n_new"].as_u64().unwrap() as usize;
-        let (mut worst_prefill, mut worst_decode) = (0f64, 0f64);
-        for p in r["prompts"].as_array().unwrap() {
-            let pname = p["name"].as_str().unwrap();
-            let what = format!("{name}/{pname}");
-            let prompt_ids = ids(&p["prompt_ids"]);
-            assert_eq!(
-                model.encode(p["prompt"].as_str().unwrap()).unwrap(),
-                prompt_ids,
-                "{what}: prompt ids"
-            );
-            let want = ids(&p["greedy_ids"]);
-            let ref_logits: Vec<Vec<f32>> =
-                p["logits"].as_array().unwrap().iter().map(floats).collect();
-
-            // Prefill in one pass, then decode our own argmax one token at a time.
-            let mut state = model.new_state(prompt_ids.len() + n_new);
-            let mut got = Vec::new();
-            let mut logits = model.forward(&mut state, &prompt_ids).unwrap().to_vec();
-            for step in 0..want.len() {
-                let e = nmse(&logits, &ref_logits[step]);
-                assert!(e < bound, "{what}: step {step} NMSE {e:e} > {bound:e}");
-                if step == 0 {
-                    worst_prefill = worst_prefill.max(e);
-                } else {
-                    worst_decode = worst_decode.max(e);
-                }
-                let next = argmax(&logits);
-                got.push(next);
-                if eos.contains(&next) || got.len() == n_new {
-                    break;
-                }
-                logits = model.forward(&mut state, &[next]).unwrap().to_vec();
-            }
-            assert_eq!(got, want, "{what}: greedy ids");
-            assert_eq!(
-                eos.contains(got.last().unwrap()),
-                p["stopped_by_eos"].as_bool().unwrap(),
-                "{what}: stop reason"
-            );
-            let text_ids = match got.last() {
-                Some(t) if eos.contains(t) => &got[..got.len() - 1],
-                _ => &got[..],
-            };
-            assert_eq!(
-                model.decode(text_ids).unwrap(),
-                p["greedy_text"].as_str().unwrap(),
-                "{what}: text"
-            );
-
-            // Every prompt position's logits, from the batched pass and token by token.
-            if let Some(all) = p.get("prefill_logits_all").and_then(|v| v.as_array()) {
-                let vocab = model.vocab_size();
-                let mut s = model.new_state(prompt_ids.len());
-                let batched = model.forward_all_logits(&mut s, &prompt_ids).unwrap();
-                let mut s = model.new_state(prompt_ids.len());
-                for (t, want_row) in all.iter().enumerate() {
-                    let want_row = floats(want_row);
-                    let e = nmse(&batched[t * vocab..(t + 1) * vocab], &want_row);
-                    assert!(e < bound, "{what}: prefill position {t} NMSE {e:e}");
-                    worst_prefill = worst_prefill.max(e);
-                    let one = model.forward(&mut s, &prompt_ids[t..t + 1]).unwrap();
-                    let e = nmse(one, &want_row);
-                    assert!(e < bound, "{what}: one-by-one position {t} NMSE {e:e}");
-                    worst_decode = worst_decode.max(e);
-                }
-            }
-        }
-        report.push(format!(
-            "{name:20} {dtype:9} bound {bound:.0e}  worst NMSE prefill {worst_prefill:.2e} decode {worst_decode:.2e}"
-        ));
-    }
-    eprintln!("{}", report.join("\n"));
+    let report = check_all_fixtures(nmse_bound);
+    eprintln!(
+        "kernels: {}\n{}",
+        spinfer::kernels::kernels().isa(),
+        report.join("\n")
+    );
 }
 
 #[test]
@@ -413,4 +277,14 @@ fn model_is_shareable_across_threads() {
         .map(|h| h.join().unwrap())
         .collect();
     assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
+fn decode_of_unknown_ids_does_not_panic() {
+    let model = LlamaModel::load(&model_dir("tiny-llama")).unwrap();
+    // Ids past the tokenizer's vocabulary have no text: either skipped or a clear error.
+    match model.decode(&[300, 99_999, 301]) {
+        Ok(text) => assert_eq!(text, model.decode(&[300, 301]).unwrap()),
+        Err(e) => assert!(matches!(e, Error::RuntimeError(_)), "{e:?}"),
+    }
 }

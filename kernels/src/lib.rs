@@ -5,6 +5,10 @@
 //! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
 
+// Index loops over const-sized tiles unroll predictably in SIMD code; the tile routines take
+// many plain arguments on purpose.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
 pub use half::{bf16, f16};
 
 pub mod probe;
@@ -94,6 +98,16 @@ impl Isa {
         }
     }
 
+    /// f32 lanes in one of the tier's vectors.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 | Isa::Portable => 8,
+            Isa::Neon => 4,
+            Isa::Scalar => 1,
+        }
+    }
+
     pub fn from_name(s: &str) -> Option<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == s)
     }
@@ -150,6 +164,7 @@ impl fmt::Display for IsaError {
 impl std::error::Error for IsaError {}
 
 /// The per-tier single-threaded building blocks. Threading and shape checks live in `Kernels`.
+#[allow(clippy::type_complexity)]
 pub(crate) struct Table {
     pub dot: fn(Weights<'_>, &[f32]) -> f32,
     /// y = W x for the rows W holds.
@@ -158,6 +173,8 @@ pub(crate) struct Table {
     pub matmul: fn(&MatmulJob<'_>, usize, usize),
     /// The bf16 × bf16 dot-product matmul, where the CPU has one.
     pub matmul_bf16: Option<Bf16Mm>,
+    /// Tokens per packed X group of the outer-product matmul (0: the tier has none).
+    pub op_width: usize,
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub layernorm: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
@@ -209,6 +226,7 @@ static SCALAR: Table = Table {
     matvec: scalar::matvec,
     matmul: scalar_matmul_rows,
     matmul_bf16: None,
+    op_width: 0,
     rmsnorm: scalar::rmsnorm,
     layernorm: scalar::layernorm,
     softmax: scalar::softmax,
@@ -253,19 +271,24 @@ pub enum Precision {
 /// 0: not yet read from the environment, 1: on, 2: off.
 static BF16_DOT: AtomicU8 = AtomicU8::new(0);
 
-/// Whether `matmul` uses the bf16 dot-product path for bf16 weights (default on; the
-/// environment variable `SPINFER_BF16_DOT=0` turns it off).
+/// Whether `matmul` uses the bf16 dot-product path for bf16 weights by default.
+///
+/// `SPINFER_BF16_DOT=1`/`0` decides; otherwise it is on only where the CPU's bf16 dot product
+/// is measured (once, ~2 ms) to run at ≥ 1.3× its f32 FMA FLOP rate — true on Zen 4, false on
+/// Sapphire Rapids, whose `vdpbf16ps` runs at about half the FMA rate (measured here: ~40 vs
+/// ~80 GFLOP/s per core), so there the exact f32 path is both faster and exact.
 pub fn bf16_dot_enabled() -> bool {
     match BF16_DOT.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => {
-            let off = matches!(
-                std::env::var("SPINFER_BF16_DOT").as_deref(),
-                Ok("0") | Ok("off") | Ok("false")
-            );
-            BF16_DOT.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
+            let on = match std::env::var("SPINFER_BF16_DOT").as_deref() {
+                Ok("0") | Ok("off") | Ok("false") => false,
+                Ok("1") | Ok("on") | Ok("true") => true,
+                _ => try_kernels().map(|k| k.bf16_dot_pays()).unwrap_or(false),
+            };
+            BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
         }
     }
 }
@@ -281,6 +304,8 @@ const PAR_MIN: usize = 1 << 16;
 thread_local! {
     /// X rounded to bf16 for the dot-product path; grows to the largest (n, k) seen.
     static XB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// X packed for the outer-product path; grows to the largest (n, k) seen.
+    static XP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The kernels of one tier. Obtain with [`kernels`] (the active tier) or [`Kernels::for_isa`].
@@ -354,6 +379,26 @@ impl Kernels {
         self.t.matmul_bf16.is_some()
     }
 
+    /// Whether the bf16 dot product outruns f32 FMA by ≥ 1.3× in FLOP/s on this CPU (best of
+    /// three short single-thread runs of each; ~2 ms).
+    fn bf16_dot_pays(&self) -> bool {
+        let Some(bf) = self.t.bf16_burn else {
+            return false;
+        };
+        let best = |f: fn(usize) -> f32| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f(20_000));
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let fma_flops = 12.0 * self.isa.lanes() as f64 * 2.0 / best(self.t.burn);
+        let bf_flops = 12.0 * 64.0 / best(bf);
+        bf_flops >= 1.3 * fma_flops
+    }
+
     /// y = W x with W `(y.len(), x.len())` row-major. Rows are split over the thread pool
     /// when the product is big enough to pay for it.
     pub fn matvec(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
@@ -377,7 +422,7 @@ impl Kernels {
     }
 
     /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses
-    /// [`Precision::Bf16Dot`] where available unless turned off ([`set_bf16_dot`]).
+    /// [`Precision::Bf16Dot`] where [`bf16_dot_enabled`] says so.
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
         let p = if bf16_dot_enabled() {
             Precision::Bf16Dot
@@ -412,10 +457,35 @@ impl Kernels {
             _ => None,
         };
         let Some(bf) = bf else {
+            let tw = self.t.op_width;
+            // Enough tokens to fill most of a packed group: outer products; else dot tiles.
+            if tw > 0 && 2 * n >= tw && k > 0 {
+                let mut go = |xp: &mut Vec<f32>| {
+                    xp.resize(n.div_ceil(tw) * k * tw, 0.0);
+                    simd::pack_x(x, n, k, tw, xp);
+                    let job = MatmulJob {
+                        w,
+                        x,
+                        xb: &[],
+                        xp,
+                        n,
+                        k,
+                        m,
+                        y: y.as_mut_ptr(),
+                    };
+                    self.run_matmul(self.t.matmul, &job);
+                };
+                // A nested call on this thread (from a parallel section) gets its own buffer.
+                return XP.with(|c| match c.try_borrow_mut() {
+                    Ok(mut xp) => go(&mut xp),
+                    Err(_) => go(&mut Vec::new()),
+                });
+            }
             let job = MatmulJob {
                 w,
                 x,
                 xb: &[],
+                xp: &[],
                 n,
                 k,
                 m,
@@ -430,6 +500,7 @@ impl Kernels {
                 w,
                 x,
                 xb,
+                xp: &[],
                 n,
                 k,
                 m,
@@ -488,7 +559,7 @@ impl Kernels {
 
     /// Rotate-half RoPE on `x` = (n_heads, head_dim) with per-position `cos`, `sin` of length head_dim/2.
     pub fn rope(&self, x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-        assert!(head_dim % 2 == 0 && x.len() % head_dim == 0);
+        assert!(head_dim > 0 && head_dim.is_multiple_of(2) && x.len().is_multiple_of(head_dim));
         assert!(cos.len() == head_dim / 2 && sin.len() == head_dim / 2);
         (self.t.rope)(x, head_dim, cos, sin)
     }

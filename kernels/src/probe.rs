@@ -71,13 +71,7 @@ fn peak(threads: usize, f: fn(usize) -> f32, flop_per_iter: f64) -> f64 {
 /// f32 FMA peak in GFLOP/s of the active tier on `threads` threads (one FMA = 2 FLOP).
 pub fn measure_fma_peak_gflops(threads: usize) -> f64 {
     let k = crate::kernels();
-    let lanes = match k.isa() {
-        crate::Isa::Avx512 => 16.0,
-        crate::Isa::Avx2 | crate::Isa::Portable => 8.0,
-        crate::Isa::Neon => 4.0,
-        crate::Isa::Scalar => 1.0,
-    };
-    peak(threads, k.t.burn, 12.0 * lanes * 2.0)
+    peak(threads, k.t.burn, 12.0 * k.isa().lanes() as f64 * 2.0)
 }
 
 /// AVX-512 BF16 dot-product peak in GFLOP/s on `threads` threads (one `vdpbf16ps` = 64 FLOP),
@@ -85,4 +79,19 @@ pub fn measure_fma_peak_gflops(threads: usize) -> f64 {
 pub fn measure_bf16_peak_gflops(threads: usize) -> Option<f64> {
     let f = crate::kernels().t.bf16_burn?;
     Some(peak(threads, f, 12.0 * 64.0))
+}
+
+/// Run `iters` rounds of the active tier's FMA burn loop on this thread; returns the FLOPs done
+/// (for callers that time it themselves, e.g. per on-CPU second on a shared machine).
+pub fn run_fma_burn(iters: usize) -> f64 {
+    let k = crate::kernels();
+    std::hint::black_box((k.t.burn)(iters));
+    12.0 * k.isa().lanes() as f64 * 2.0 * iters as f64
+}
+
+/// As [`run_fma_burn`] for the bf16 dot-product loop; None where the tier has none.
+pub fn run_bf16_burn(iters: usize) -> Option<f64> {
+    let f = crate::kernels().t.bf16_burn?;
+    std::hint::black_box(f(iters));
+    Some(12.0 * 64.0 * iters as f64)
 }

@@ -1,7 +1,14 @@
-//! One kernel body for every vector tier. Each tier implements [`Simd`] over its own register
-//! type; the `#[inline(always)]` bodies here are instantiated inside that tier's
-//! `#[target_feature]` wrappers (see `tier_table!`), so the intrinsics inline with the right
-//! features enabled. No closures in hot loops: they would not inherit the target features.
+//! One kernel body for every vector tier.
+//!
+//! Matrix products come in two forms. Dot-product tiles (`tile`: R weight rows × T tokens,
+//! reduced horizontally at the end) serve matvec and matmul with few tokens, reading the stored
+//! dtype directly. With at least half a panel of tokens, matmul packs X into panels of
+//! `NV·N` tokens and runs outer-product tiles (`op_tile`: MR broadcast weights × NV vectors of
+//! tokens), which keep every operand in L1 and need no horizontal sums — about twice as fast.
+//!
+//! Each tier implements [`Simd`] over its own register type; the `#[inline(always)]` bodies
+//! here are instantiated inside that tier's `#[target_feature]` wrappers (see `tier_table!`),
+//! so the intrinsics inline with the right features enabled. No closures in hot loops: they would not inherit the target features.
 
 use crate::{bf16, f16, Weights};
 
@@ -182,6 +189,8 @@ pub(crate) struct MatmulJob<'a> {
     /// X rounded to bf16 (n, k), for the AVX-512 BF16 path only.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read only by x86_64/avx512.rs
     pub xb: &'a [u16],
+    /// X packed for the outer-product path ([`pack_x`]); empty for the dot-product path.
+    pub xp: &'a [f32],
     pub n: usize,
     pub k: usize,
     pub m: usize,
@@ -191,9 +200,10 @@ pub(crate) struct MatmulJob<'a> {
 // (see `Kernels::matmul`), and the borrowed slices are read-only.
 unsafe impl Sync for MatmulJob<'_> {}
 
-/// K-block: an X tile (T rows × KC f32) stays in L1 while W rows stream from L2.
+/// K-block: the X tile (TT rows × KC f32; 24 KiB for AVX-512's 12 tokens) must stay in L1
+/// while W rows stream past it from L2, or every FMA waits on L2 for both operands.
 pub(crate) const KC: usize = 512;
-/// M-block: the packed f32 W block (MC × KC) stays in L2.
+/// M-block: the packed f32 W block (MC × KC = 128 KiB) stays in L2.
 pub(crate) const MC: usize = 64;
 
 thread_local! {
@@ -225,6 +235,7 @@ unsafe fn put<const R: usize, const T: usize>(
 
 /// Y[:, r0..r1] for weight rows `wb` (pointers to rows of `E` with row stride `ws`, already
 /// offset to the current k-block `kb..kb+kc`) over all tokens. Tiles of RT rows × TT tokens.
+/// With `xt` non-null each full token tile is first copied there with a padded row stride.
 #[inline(always)]
 unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     s: S,
@@ -235,38 +246,50 @@ unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     rbase: usize,
     kb: usize,
     kc: usize,
+    xt: *mut f32,
 ) {
     let (n, k, m, y) = (job.n, job.k, job.m, job.y);
     let xp = job.x.as_ptr().add(kb);
     let first = kb == 0;
+    let xts = kc + PAD;
     let mut t = 0;
     while t < n {
         let tt = TT.min(n - t);
+        // The X tile: rows at stride k (or, packed, at the padded stride xts).
+        let (xb, xs) = if !xt.is_null() {
+            for i in 0..tt {
+                let src = std::slice::from_raw_parts(xp.add((t + i) * k), kc);
+                widen(s, src, std::slice::from_raw_parts_mut(xt.add(i * xts), kc));
+            }
+            (xt as *const f32, xts)
+        } else {
+            (xp.add(t * k), k)
+        };
+        // Edge tiles run the full tile with missing rows/tokens pointing at row 0 and their
+        // results dropped: a 1×1 fallback would be bound by FMA latency (one chain).
+        let mut x = [xb; TT];
+        for i in 0..tt {
+            x[i] = xb.add(i * xs);
+        }
         let mut r = 0;
         while r < rows {
             let rr = RT.min(rows - r);
+            let mut w = [wb.add(r * ws); RT];
+            for i in 0..rr {
+                w[i] = wb.add((r + i) * ws);
+            }
+            let o = tile::<S, E, RT, TT>(s, w, x, kc);
             if rr == RT && tt == TT {
-                let mut w = [wb; RT];
-                for i in 0..RT {
-                    w[i] = wb.add((r + i) * ws);
-                }
-                let mut x = [xp; TT];
-                for i in 0..TT {
-                    x[i] = xp.add((t + i) * k);
-                }
-                let o = tile::<S, E, RT, TT>(s, w, x, kc);
                 put(y, m, t, rbase + r, &o, first);
             } else {
-                // Edges: one row × one token at a time.
-                for i in 0..rr {
-                    for j in 0..tt {
-                        let o = tile::<S, E, 1, 1>(
-                            s,
-                            [wb.add((r + i) * ws)],
-                            [xp.add((t + j) * k)],
-                            kc,
-                        );
-                        put(y, m, t + j, rbase + r + i, &o, first);
+                for j in 0..tt {
+                    let row = y.add((t + j) * m + rbase + r);
+                    for i in 0..rr {
+                        if first {
+                            *row.add(i) = o[j][i];
+                        } else {
+                            *row.add(i) += o[j][i];
+                        }
                     }
                 }
             }
@@ -276,8 +299,8 @@ unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     }
 }
 
-/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Half-precision weights are
-/// widened once per (MC × KC) block into a per-thread scratch and reused by every token.
+/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Weights are widened/copied once
+/// per (MC × KC) block into a per-thread scratch and reused by every token.
 #[inline(always)]
 pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
     s: S,
@@ -286,11 +309,16 @@ pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
     r1: usize,
 ) {
     match job.w {
-        Weights::F32(w) => matmul_direct::<S, f32, RT, TT>(s, job, w, r0, r1),
+        Weights::F32(w) => matmul_packed::<S, f32, RT, TT>(s, job, w, r0, r1),
         Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
         Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
     }
 }
+
+/// Padding (floats) added to packed row strides. Rows of 1024 or 2048 floats are a multiple
+/// of 4 KiB apart, so every row of a tile would map to the same L1 set and evict each other;
+/// 16 floats (one line) shifts each row to the next set.
+const PAD: usize = 16;
 
 #[inline(always)]
 unsafe fn matmul_direct<S: Simd, E: Elem, const RT: usize, const TT: usize>(
@@ -308,7 +336,7 @@ unsafe fn matmul_direct<S: Simd, E: Elem, const RT: usize, const TT: usize>(
         while rb < r1 {
             let rows = MC.min(r1 - rb);
             let wb = w.as_ptr().add(rb * k + kb);
-            block::<S, E, RT, TT>(s, job, wb, k, rows, rb, kb, kc);
+            block::<S, E, RT, TT>(s, job, wb, k, rows, rb, kb, kc, std::ptr::null_mut());
             rb += rows;
         }
         kb += KC;
@@ -323,34 +351,192 @@ unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
     r0: usize,
     r1: usize,
 ) {
-    // Too few tokens to amortise widening: read the stored dtype directly.
+    // Too few tokens to amortise packing: read the stored dtype directly.
     if job.n < 4 {
         return matmul_direct::<S, E, RT, TT>(s, job, w, r0, r1);
     }
     let k = job.k;
-    PACK.with(|p| {
+    // W block (MC rows) then one X tile (≤ 16 rows), both at the padded stride KC + PAD.
+    let need = (MC + 16) * (KC + PAD);
+    // Take the scratch pointer out of the closure: code inside a closure would not inherit the
+    // caller's target features (the kernels would compile to intrinsic calls).
+    let pk = PACK.with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() < MC * KC {
-            p.resize(MC * KC, 0.0);
+        if p.len() < need {
+            p.resize(need, 0.0);
         }
-        let pk = p.as_mut_ptr();
-        let mut kb = 0;
-        while kb < k.max(1) {
-            let kc = KC.min(k - kb);
-            let mut rb = r0;
-            while rb < r1 {
-                let rows = MC.min(r1 - rb);
-                for r in 0..rows {
-                    let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
-                    let dst = std::slice::from_raw_parts_mut(pk.add(r * kc), kc);
-                    widen(s, src, dst);
+        p.as_mut_ptr()
+    });
+    // SAFETY: `pk` points into this thread's PACK buffer (`need` floats), which lives as long
+    // as the thread and is not touched by anything else while this call runs (no re-entry:
+    // nothing below yields to the thread pool).
+    let mut kb = 0;
+    while kb < k.max(1) {
+        let kc = KC.min(k - kb);
+        let ps = kc + PAD;
+        let xt = pk.add(MC * ps);
+        let mut rb = r0;
+        while rb < r1 {
+            let rows = MC.min(r1 - rb);
+            for r in 0..rows {
+                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
+                let dst = std::slice::from_raw_parts_mut(pk.add(r * ps), kc);
+                widen(s, src, dst);
+            }
+            block::<S, f32, RT, TT>(s, job, pk, ps, rows, rb, kb, kc, xt);
+            rb += rows;
+        }
+        kb += KC;
+    }
+}
+
+/// X (n, k) packed for the outer-product matmul: groups of `tw` tokens, each `[k][tw]`
+/// (token index fastest), zero-padded to whole groups. `xp.len()` = n.div_ceil(tw)·k·tw.
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, tw: usize, xp: &mut [f32]) {
+    use rayon::prelude::*;
+    xp.par_chunks_mut((k * tw).max(1))
+        .enumerate()
+        .for_each(|(g, panel)| {
+            // k outer, tokens inner: sequential writes; the tw source rows' current cache lines
+            // stay in L1 across 16 consecutive k.
+            let live = tw.min(n - (g * tw).min(n));
+            let rows = &x[g * tw * k..(g * tw + live) * k];
+            for (kk, out) in panel.chunks_exact_mut(tw).enumerate() {
+                for (j, o) in out[..live].iter_mut().enumerate() {
+                    *o = rows[j * k + kk];
                 }
-                block::<S, f32, RT, TT>(s, job, pk, kc, rows, rb, kb, kc);
-                rb += rows;
+                out[live..].fill(0.0);
+            }
+        });
+}
+
+thread_local! {
+    /// Per-thread scratch of the outer-product path: a widened W block and the Yᵀ partial sums.
+    static OP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Y[:, r0..r1] by outer products: per k step, NV vectors of packed X (NV·N tokens) times MR
+/// broadcast weights accumulate into MR×NV registers. Each FMA needs no fresh cache line from
+/// L2 (X panel and W tile rows are read sequentially) and no horizontal sums, unlike the
+/// dot-product tiles; W is widened once per (block × KC) and reused by every token group.
+#[inline(always)]
+pub(crate) unsafe fn matmul_op<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    r0: usize,
+    r1: usize,
+) {
+    match job.w {
+        Weights::F32(w) => op::<S, f32, MR, NV>(s, job, w, r0, r1),
+        Weights::F16(w) => op::<S, f16, MR, NV>(s, job, w, r0, r1),
+        Weights::Bf16(w) => op::<S, bf16, MR, NV>(s, job, w, r0, r1),
+    }
+}
+
+#[inline(always)]
+unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
+    s: S,
+    job: &MatmulJob<'_>,
+    w: &[E],
+    r0: usize,
+    r1: usize,
+) {
+    let tw = NV * S::N;
+    let (n, k, m, y) = (job.n, job.k, job.m, job.y);
+    let ng = n.div_ceil(tw);
+    let ytw = ng * tw;
+    let mcb = MR * (MC / MR).max(1); // rows per block, a multiple of MR
+    let ws = KC + PAD;
+    let need = mcb * ws + mcb * ytw;
+    // Pointer taken out of the closure (closures do not inherit target features).
+    let buf = OP.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < need {
+            p.resize(need, 0.0);
+        }
+        p.as_mut_ptr()
+    });
+    // SAFETY: `buf` is this thread's OP scratch (`need` floats), alive for the thread and not
+    // used by anything else during this call (nothing below yields to the pool).
+    let (wp, yt) = (buf, buf.add(mcb * ws));
+    let mut rb = r0;
+    while rb < r1 {
+        let rows = mcb.min(r1 - rb);
+        let rpad = rows.next_multiple_of(MR);
+        std::ptr::write_bytes(yt, 0, rpad * ytw);
+        let mut kb = 0;
+        while kb < k {
+            let kc = KC.min(k - kb);
+            for i in 0..rows {
+                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + i) * k + kb), kc);
+                widen(s, src, std::slice::from_raw_parts_mut(wp.add(i * ws), kc));
+            }
+            for i in rows..rpad {
+                std::ptr::write_bytes(wp.add(i * ws), 0, kc);
+            }
+            for g in 0..ng {
+                let xg = job.xp.as_ptr().add(g * k * tw + kb * tw);
+                let mut rt = 0;
+                while rt < rpad {
+                    op_tile::<S, MR, NV>(
+                        s,
+                        wp.add(rt * ws),
+                        ws,
+                        kc,
+                        xg,
+                        tw,
+                        yt.add(rt * ytw + g * tw),
+                        ytw,
+                    );
+                    rt += MR;
+                }
             }
             kb += KC;
         }
-    });
+        for i in 0..rows {
+            for t in 0..n {
+                *y.add(t * m + rb + i) = *yt.add(i * ytw + t);
+            }
+        }
+        rb += rows;
+    }
+}
+
+#[inline(always)]
+unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    wp: *const f32,
+    ws: usize,
+    kc: usize,
+    xg: *const f32,
+    tw: usize,
+    yt: *mut f32,
+    ytw: usize,
+) {
+    let n = S::N;
+    let mut acc = [[s.splat(0.0); NV]; MR];
+    for r in 0..MR {
+        for v in 0..NV {
+            acc[r][v] = s.load(yt.add(r * ytw + v * n));
+        }
+    }
+    for kk in 0..kc {
+        let mut xv = [s.splat(0.0); NV];
+        for v in 0..NV {
+            xv[v] = s.load(xg.add(kk * tw + v * n));
+        }
+        for r in 0..MR {
+            let b = s.splat(*wp.add(r * ws + kk));
+            for v in 0..NV {
+                acc[r][v] = s.fma(b, xv[v], acc[r][v]);
+            }
+        }
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            s.store(yt.add(r * ytw + v * n), acc[r][v]);
+        }
+    }
 }
 
 #[inline(always)]
@@ -381,6 +567,7 @@ pub(crate) unsafe fn to_f32<S: Simd>(s: S, w: Weights<'_>, out: &mut [f32]) {
 /// e^x, Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp.
 /// Inputs below -87.3 give 0 (so masked scores of -inf vanish exactly).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // constants as published (Cephes expf)
 pub(crate) unsafe fn exp<S: Simd>(s: S, x: S::V) -> S::V {
     let lo = s.splat(-87.33654);
     let xc = s.min(s.max(x, lo), s.splat(88.72283));
@@ -401,6 +588,7 @@ pub(crate) unsafe fn exp<S: Simd>(s: S, x: S::V) -> S::V {
 
 /// erfc(z) for z >= 0 (Numerical Recipes `erfcc`, fractional error < 1.2e-7 everywhere).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // coefficients as published (Numerical Recipes)
 unsafe fn erfc_pos<S: Simd>(s: S, z: S::V) -> S::V {
     let one = s.splat(1.0);
     let t = s.div(one, s.fma(s.splat(0.5), z, one));
@@ -716,9 +904,10 @@ pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
 
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
-/// `$S` the tier's [`Simd`] token; `$rt`/`$tt` the matmul tile (weight rows × tokens).
+/// `$S` the tier's [`Simd`] token (a unit struct); `$rt`/`$tt` the dot-product matmul tile
+/// (weight rows × tokens); `$mr`/`$nv` the outer-product tile (weight rows × token vectors).
 macro_rules! tier_table {
-    ($name:ident, $S:expr, $attr:meta, $rt:literal, $tt:literal, $bf16mm:expr, $bf16burn:expr) => {
+    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $bf16mm:expr, $bf16burn:expr) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by
@@ -733,7 +922,11 @@ macro_rules! tier_table {
         }
         #[$attr]
         unsafe fn matmul_(j: &g::MatmulJob<'_>, r0: usize, r1: usize) {
-            g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
+            if j.xp.is_empty() {
+                g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
+            } else {
+                g::matmul_op::<_, $mr, $nv>($S, j, r0, r1)
+            }
         }
         #[$attr]
         unsafe fn rmsnorm_(x: &[f32], w: &[f32], e: f32, o: &mut [f32]) {
@@ -789,6 +982,7 @@ macro_rules! tier_table {
             matvec: |w, x, y| unsafe { matvec_(w, x, y) },
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,
+            op_width: $nv * <$S as g::Simd>::N,
             rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
             layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
             softmax: |x| unsafe { softmax_(x) },

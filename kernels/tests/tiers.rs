@@ -314,6 +314,7 @@ fn lengths() -> Vec<usize> {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn elementwise_ops() {
     let mut rng = Rng(6);
     for len in lengths() {
@@ -376,8 +377,8 @@ fn softmax_masked_entries_are_exactly_zero() {
                 x[i] = f32::NEG_INFINITY;
             }
             k.softmax(&mut x);
-            for i in 0..len {
-                assert_eq!(x[i] == 0.0, i % 3 == 0, "{} {len} {i}: {}", k.isa(), x[i]);
+            for (i, v) in x.iter().enumerate() {
+                assert_eq!(*v == 0.0, i % 3 == 0, "{} {len} {i}: {v}", k.isa());
             }
             let s: f32 = x.iter().sum();
             assert!((s - 1.0).abs() < 1e-5);
@@ -454,6 +455,27 @@ fn rope_and_to_f32() {
                 "{}",
                 k.isa()
             );
+        }
+    }
+}
+
+/// `matmul` follows the global choice: with the bf16 dot path switched off it is bit-identical
+/// to `Precision::Exact` (the only test that touches the global switch).
+#[test]
+fn matmul_default_follows_switch() {
+    let mut rng = Rng(8);
+    let (n, m, kk) = (5, 40, 70);
+    let w = W::new(&mut rng, m * kk);
+    let x = rng.vec(n * kk, 1.0);
+    spinfer_kernels::set_bf16_dot(false);
+    assert!(!spinfer_kernels::bf16_dot_enabled());
+    for k in tiers() {
+        for wt in w.all(0) {
+            let mut a = vec![0f32; n * m];
+            let mut b = vec![0f32; n * m];
+            k.matmul(wt, &x, n, &mut a);
+            k.matmul_with(Precision::Exact, wt, &x, n, &mut b);
+            assert_eq!(a, b, "{}", k.isa());
         }
     }
 }

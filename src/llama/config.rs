@@ -69,8 +69,8 @@ impl LlamaConfig {
         let f = Fields { o, origin };
 
         if let Some(mt) = f.str_opt("model_type")? {
-            // Mistral-style models without sliding windows share the architecture; others do not.
-            if mt != "llama" && mt != "mistral" {
+            // Other families (Mistral's sliding window, Qwen's biases, ...) compute differently.
+            if mt != "llama" {
                 return Err(Error::runtime(format!(
                     "{origin}: model_type {mt:?} is not a Llama-architecture model"
                 )));
@@ -219,13 +219,16 @@ impl LlamaConfig {
                 return bad(format!("{name} must be greater than 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim
@@ -256,11 +259,14 @@ impl LlamaConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                if !(factor.is_finite() && factor > 0.0)
-                    || !(low_freq_factor.is_finite() && low_freq_factor > 0.0)
-                    || !(high_freq_factor.is_finite() && high_freq_factor > low_freq_factor)
-                    || original_max_position_embeddings == 0
-                {
+                let ok = factor.is_finite()
+                    && factor > 0.0
+                    && low_freq_factor.is_finite()
+                    && low_freq_factor > 0.0
+                    && high_freq_factor.is_finite()
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0;
+                if !ok {
                     return bad(format!(
                         "llama3 rope parameters need factor > 0, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0 (got {factor}, {low_freq_factor}, {high_freq_factor}, {original_max_position_embeddings})"
                     ));
@@ -324,7 +330,7 @@ impl LlamaConfig {
                     } else {
                         *f
                     };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let s = (old as f32 / wavelen - lo) / span;
                         (1.0 - s) * scaled / factor + s * scaled
@@ -536,6 +542,8 @@ mod tests {
         assert!(e.contains("num_hidden_layers"), "{e}");
         let e = err_of(&V4.replace("\"vocab_size\": 32000", "\"vocab_size\": \"big\""));
         assert!(e.contains("vocab_size"), "{e}");
+        let e = err_of(&V4.replace("\"llama\"", "\"gemma\""));
+        assert!(e.contains("\"gemma\""), "{e}");
         let e = err_of("{not json");
         assert!(e.contains("/m/config.json") && e.contains("JSON"), "{e}");
         let e = err_of(&V5.replace("\"factor\": 8.0,", ""));

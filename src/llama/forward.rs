@@ -16,11 +16,15 @@ pub struct LlamaState {
     pos: usize,
     capacity: usize,
     batch: usize,
-    k_cache: Vec<f32>,   // (n_layers, capacity, kv_heads*head_dim), RoPE applied
-    v_cache: Vec<f32>,   // (n_layers, capacity, kv_heads*head_dim)
+    // Per kv head, keys are rows and values columns, so that the scores of one query are a
+    // single matrix-vector product and each output element one dot product, both contiguous.
+    k_cache: Vec<f32>,   // (n_layers, kv_heads, capacity, head_dim), RoPE applied
+    v_cache: Vec<f32>,   // (n_layers, kv_heads, head_dim, capacity), transposed
     x: Vec<f32>,         // (batch, hidden) residual stream
     xn: Vec<f32>,        // (batch, hidden) normed input / projection output
     q: Vec<f32>,         // (batch, n_heads*head_dim)
+    k: Vec<f32>,         // (batch, kv_heads*head_dim) new keys, before they go to the cache
+    v: Vec<f32>,         // (batch, kv_heads*head_dim) new values, before they go to the cache
     att_heads: Vec<f32>, // (n_heads, batch, head_dim) attention output, head-major
     att: Vec<f32>,       // (batch, n_heads*head_dim) attention output, token-major
     scores: Vec<f32>,    // (n_heads, capacity) one row of attention weights per head
@@ -46,6 +50,8 @@ impl LlamaState {
             x: vec![0.0; batch * h],
             xn: vec![0.0; batch * h],
             q: vec![0.0; batch * qd],
+            k: vec![0.0; batch * kvd],
+            v: vec![0.0; batch * kvd],
             att_heads: vec![0.0; batch * qd],
             att: vec![0.0; batch * qd],
             scores: vec![0.0; cfg.num_attention_heads * capacity.max(1)],
@@ -164,28 +170,39 @@ impl Forward<'_> {
                 let r = t * h..(t + 1) * h;
                 k.rmsnorm(&x[r.clone()], &lw.attn_norm, eps, &mut xn[r]);
             }
-            let layer = l * cap * kvd;
-            let kc = &mut s.k_cache[layer + p0 * kvd..layer + (p0 + n) * kvd]; // (n, kvd)
-            let vc = &mut s.v_cache[layer + p0 * kvd..layer + (p0 + n) * kvd]; // (n, kvd)
+            let (kn, vn) = (&mut s.k[..n * kvd], &mut s.v[..n * kvd]);
             mm(k, self.w.w(lw.wq), xn, n, q);
-            mm(k, self.w.w(lw.wk), xn, n, kc);
-            mm(k, self.w.w(lw.wv), xn, n, vc);
+            mm(k, self.w.w(lw.wk), xn, n, kn);
+            mm(k, self.w.w(lw.wv), xn, n, vn);
             for t in 0..n {
                 let (c, sn) = (
                     &s.cos[t * half..(t + 1) * half],
                     &s.sin[t * half..(t + 1) * half],
                 );
                 k.rope(&mut q[t * qd..(t + 1) * qd], hd, c, sn);
-                k.rope(&mut kc[t * kvd..(t + 1) * kvd], hd, c, sn);
+                k.rope(&mut kn[t * kvd..(t + 1) * kvd], hd, c, sn);
             }
-            let keys = &s.k_cache[layer..layer + (p0 + n) * kvd]; // (p0+n, kvd)
-            let values = &s.v_cache[layer..layer + (p0 + n) * kvd]; // (p0+n, kvd)
+            // Into this layer's cache: keys as rows, values as columns, per kv head.
+            let layer = l * kvd * cap;
+            let keys = &mut s.k_cache[layer..layer + kvd * cap]; // (kv_heads, cap, hd)
+            let values = &mut s.v_cache[layer..layer + kvd * cap]; // (kv_heads, hd, cap)
+            for t in 0..n {
+                for g in 0..cfg.num_key_value_heads {
+                    let src = t * kvd + g * hd;
+                    let dst = (g * cap + p0 + t) * hd;
+                    keys[dst..dst + hd].copy_from_slice(&kn[src..src + hd]);
+                    for d in 0..hd {
+                        values[(g * hd + d) * cap + p0 + t] = vn[src + d];
+                    }
+                }
+            }
             self.attention(
                 q,
                 keys,
                 values,
                 p0,
                 n,
+                cap,
                 &mut s.att_heads[..n * qd],
                 &mut s.scores,
             );
@@ -234,16 +251,17 @@ impl Forward<'_> {
     fn attention(
         &self,
         q: &[f32],      // (n, n_heads*head_dim), RoPE applied
-        keys: &[f32],   // (p0+n, kv_heads*head_dim)
-        values: &[f32], // (p0+n, kv_heads*head_dim)
+        keys: &[f32],   // (kv_heads, cap, head_dim), positions 0..p0+n filled
+        values: &[f32], // (kv_heads, head_dim, cap), positions 0..p0+n filled
         p0: usize,
         n: usize,
+        cap: usize,
         out: &mut [f32],    // (n_heads, n, head_dim)
         scores: &mut [f32], // (n_heads, capacity)
     ) {
         let cfg = self.cfg;
         let k = self.k;
-        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let (hd, qd) = (cfg.head_dim, cfg.q_dim());
         let group = cfg.num_attention_heads / cfg.num_key_value_heads;
         let scale = (hd as f64).powf(-0.5) as f32;
         let row = scores.len() / cfg.num_attention_heads;
@@ -253,15 +271,13 @@ impl Forward<'_> {
                 let len = p0 + t + 1; // causal: positions 0..=p0+t
                 let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
                 let s = &mut scores[..len];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = &keys[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                    *sj = k.dot(Weights::F32(kj), qt) * scale;
-                }
+                let kg = &keys[g * cap * hd..(g * cap + len) * hd]; // (len, hd)
+                k.matvec(Weights::F32(kg), qt, s);
+                k.scale(s, scale);
                 k.softmax(s);
-                let o = &mut out[t * hd..(t + 1) * hd];
-                o.fill(0.0);
-                for (j, &sj) in s.iter().enumerate() {
-                    k.axpy(o, sj, &values[j * kvd + g * hd..j * kvd + (g + 1) * hd]);
+                for (d, o) in out[t * hd..(t + 1) * hd].iter_mut().enumerate() {
+                    let vd = &values[(g * hd + d) * cap..(g * hd + d) * cap + len]; // (len)
+                    *o = k.dot(Weights::F32(vd), s);
                 }
             }
         };

@@ -13,6 +13,11 @@
 //!
 //! Also: `config()`, `n_params()`, `bytes_per_decode_step()` (for the bench),
 //! `forward_all_logits()` (every position's logits, for tests).
+//!
+//! Precision: activations, the KV cache and all accumulation are f32; weights are read in their
+//! stored dtype. The one exception is the kernels' prefill matmul with bf16 weights, which rounds
+//! activations to bf16 for AVX-512 BF16 dot products (`SPINFER_BF16_DOT=0` turns it off);
+//! tests/llama.rs and tests/llama_exact.rs bound both paths against transformers.
 
 pub mod config;
 mod forward;

@@ -108,6 +108,8 @@ crate::simd::tier_table!(
     target_feature(enable = "neon"),
     4,
     4,
+    8,
+    2,
     None,
     None
 );

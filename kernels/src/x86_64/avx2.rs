@@ -97,6 +97,8 @@ crate::simd::tier_table!(
     target_feature(enable = "avx2,fma,f16c"),
     4,
     2,
+    6,
+    2,
     None,
     None
 );

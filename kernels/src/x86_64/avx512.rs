@@ -4,10 +4,11 @@
 //! (see [`bf16dot`]): the activations are rounded to bf16 (8 significant bits, relative error
 //! ≤ 2^-9 per element) and products accumulate in f32. Each output then carries a relative
 //! error of roughly 2^-9 · sqrt(k)·rms(w·x)/|y| — about 0.1-0.5% for k = 2048 — the same trade
-//! llama.cpp makes for bf16 models (its vec_dot type for BF16 is BF16). It roughly doubles
-//! prefill throughput, so it is the default for bf16 weights; `SPINFER_BF16_DOT=0` or
-//! `set_bf16_dot(false)` selects the exact f32-accumulate path, and `Precision::Exact` forces it
-//! per call. Matrix-vector products (decode) are memory-bound and always exact.
+//! llama.cpp makes for bf16 models (its vec_dot type for BF16 is BF16). Whether it is the
+//! default is decided by measurement (`bf16_dot_enabled`): it pays where `vdpbf16ps` runs at
+//! twice the f32 FMA FLOP rate (Zen 4), not on Sapphire Rapids (about half). `SPINFER_BF16_DOT`
+//! and `set_bf16_dot` override; `Precision` picks per call. Matrix-vector products (decode) are
+//! memory-bound and always exact.
 
 use crate::simd::{MatmulJob, Simd, MC};
 use crate::{Table, Weights};
@@ -101,8 +102,10 @@ mod plain {
         TABLE,
         Avx512,
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        4,
-        6,
+        2,
+        12,
+        12,
+        2,
         None,
         None
     );
@@ -114,8 +117,10 @@ mod with_bf16 {
         TABLE,
         Avx512,
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        4,
-        6,
+        2,
+        12,
+        12,
+        2,
         Some(crate::Bf16Mm {
             cvt: |x, o| unsafe { bf16dot::cvt(x, o) },
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
