@@ -16,6 +16,7 @@ step() { printf '\n=== cross [%4d s] %s\n' "$((SECONDS - T0))" "$*"; }
 A64M=aarch64-unknown-linux-musl
 X64M=x86_64-unknown-linux-musl
 A64G=aarch64-unknown-linux-gnu
+TGT=${CARGO_TARGET_DIR:-target}
 
 # ---------------------------------------------------------------------------------------------
 step "set-up: rustup targets, qemu-user-static, arm64 glibc sysroot"
@@ -67,15 +68,15 @@ cargo test --workspace --target "$X64M" --lib --bins --tests
 # ---------------------------------------------------------------------------------------------
 step "aarch64-gnu: library and CLI link with rust-lld + Debian's arm64 glibc"
 cargo build "${A64G_CONFIG[@]}" --target "$A64G" --lib --bins
-qemu-aarch64-static -L /usr/aarch64-linux-gnu "target/$A64G/debug/spinfer" --help >/dev/null 2>&1 \
+qemu-aarch64-static -L /usr/aarch64-linux-gnu "$TGT/$A64G/debug/spinfer" --help >/dev/null 2>&1 \
     || echo "note: 'spinfer --help' under qemu exited non-zero (CLI may predate --help)"
 
 # ---------------------------------------------------------------------------------------------
 step "static release CLIs for x86_64-musl and aarch64-musl"
 cargo build --release --target "$X64M" --bin spinfer
 cargo build --release --target "$A64M" --bin spinfer
-X64_BIN=target/$X64M/release/spinfer
-A64_BIN=target/$A64M/release/spinfer
+X64_BIN=$TGT/$X64M/release/spinfer
+A64_BIN=$TGT/$A64M/release/spinfer
 ls -l "$X64_BIN" "$A64_BIN"
 if command -v file >/dev/null; then file "$X64_BIN" "$A64_BIN"; fi
 
