@@ -56,10 +56,28 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 
 # ---------------------------------------------------------------------------------------------
 # Doctests are left to the native suite (they would be compiled one by one for each target).
+# Under qemu (measured on the shared 2-core box: kernels 26 s, lib 46 s, engine 89 s, llama 21 s,
+# llama_exact 30 s, tiny-bert 8 s) everything runs except:
+#  - tests with "minilm" in their name: the real all-MiniLM-L6-v2 forward passes take over 6 CPU
+#    minutes emulated; they run natively (gnu and x86_64-musl), and on aarch64 the same code paths
+#    are covered by the tiny-BERT references and the kernel tiers against the scalar oracle;
+#  - tests/cli.rs: it spawns the spinfer binary as a child, which only works where binfmt_misc
+#    routes aarch64 ELF files to qemu (not in containers); the aarch64 CLI is checked below.
 step "aarch64-musl: build the workspace tests, run them under qemu-aarch64-static"
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static
-cargo test --workspace --target "$A64M" --lib --bins --tests --no-run
-cargo test --workspace --target "$A64M" --lib --bins --tests
+build_json=$(cargo test --workspace --target "$A64M" --lib --bins --tests --no-run \
+    --message-format=json-render-diagnostics)
+mapfile -t A64_TESTS < <(grep -o '"executable":"[^"]*"' <<<"$build_json" \
+    | sed 's/^"executable":"//; s/"$//')
+[ "${#A64_TESTS[@]}" -gt 0 ] || { echo "cross.sh: no aarch64 test binaries found" >&2; exit 1; }
+for t in "${A64_TESTS[@]}"; do
+    case "$(basename "$t")" in
+    cli-*) echo "--- skip $t under qemu (spawns the aarch64 CLI; see above)"; continue ;;
+    esac
+    s=$SECONDS
+    echo "--- qemu-aarch64-static $t"
+    qemu-aarch64-static "$t" --skip minilm
+    echo "--- $((SECONDS - s)) s"
+done
 
 # ---------------------------------------------------------------------------------------------
 step "x86_64-musl: build and run the workspace tests natively (static, rust-lld)"
