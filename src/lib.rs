@@ -9,7 +9,7 @@ pub mod llama;
 pub mod sampler;
 pub mod weights;
 
-pub use engine::Engine;
+pub use engine::{Component, Engine};
 pub use spinfer_kernels as kernels;
 
 use std::fmt;

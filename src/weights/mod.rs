@@ -68,6 +68,9 @@ pub struct TensorRef {
 pub struct WeightStore {
     files: Vec<MappedFile>,
     entries: HashMap<String, Entry>,
+    /// Tensors of dtypes we do not compute with (e.g. BERT's I64 `position_ids` buffer):
+    /// skipped at open, an error only if asked for. name -> (file, dtype).
+    unsupported: HashMap<String, (usize, String)>,
 }
 
 impl WeightStore {
@@ -147,6 +150,7 @@ impl WeightStore {
     pub fn open_files(paths: &[PathBuf]) -> Result<WeightStore> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
+        let mut unsupported = HashMap::new();
         for path in paths {
             let file = File::open(path)
                 .map_err(|e| Error::runtime(format!("cannot open {}: {e}", path.display())))?;
@@ -169,10 +173,8 @@ impl WeightStore {
                     safetensors::Dtype::F16 => DType::F16,
                     safetensors::Dtype::BF16 => DType::Bf16,
                     other => {
-                        return Err(Error::runtime(format!(
-                            "{}: tensor {name:?} has dtype {other:?}; supported dtypes are F32, F16 and BF16",
-                            path.display()
-                        )))
+                        unsupported.insert(name.clone(), (files.len(), format!("{other:?}")));
+                        continue;
                     }
                 };
                 let (s, e) = info.data_offsets;
@@ -209,7 +211,11 @@ impl WeightStore {
                 map,
             });
         }
-        Ok(WeightStore { files, entries })
+        Ok(WeightStore {
+            files,
+            entries,
+            unsupported,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -239,6 +245,12 @@ impl WeightStore {
 
     /// The tensor `name`, or an error naming it and the files searched.
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
+        if let Some((file, dtype)) = self.unsupported.get(name) {
+            return Err(Error::runtime(format!(
+                "{}: tensor {name:?} has dtype {dtype}; supported dtypes are F32, F16 and BF16",
+                self.files[*file].path.display()
+            )));
+        }
         let (key, e) = self.entries.get_key_value(name).ok_or_else(|| {
             Error::runtime(format!("tensor {name:?} not found in {}", self.describe()))
         })?;

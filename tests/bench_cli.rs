@@ -1,0 +1,71 @@
+//! `spinfer bench` through the built binary: it prints every figure issue 7 asks for.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spinfer"))
+        .arg("bench")
+        .args([
+            "--registry",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/registry"),
+        ])
+        .args(args)
+        .output()
+        .expect("run spinfer");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn llama_bench_reports_speed_beside_measured_limits() {
+    let (ok, out, err) = bench(&[
+        "--model",
+        "tiny-llama",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+    ]);
+    assert!(ok, "bench failed: {err}");
+    for needle in [
+        "memory read",
+        "FMA peak",
+        "load:",
+        "prefill:",
+        "tok/s",
+        "GFLOP/s",
+        "% of the",
+        "decode:",
+        "% of measured bandwidth",
+        "peak RSS:",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn embedding_bench_reports_batches_1_and_32() {
+    let (ok, out, err) = bench(&["--model", "tiny-bert"]);
+    assert!(ok, "bench failed: {err}");
+    assert!(
+        out.contains("batch  1:") && out.contains("batch 32:"),
+        "{out}"
+    );
+    assert!(out.contains("sentences/s"), "{out}");
+}
+
+#[test]
+fn bench_of_a_missing_model_is_the_spin_error() {
+    let (ok, _, err) = bench(&["--model", "nope"]);
+    assert!(!ok);
+    assert!(
+        err.contains("invalid-input: no model directory found in registry for model 'nope'"),
+        "{err}"
+    );
+    let (ok, _, err) = bench(&["--model", "../llama"]);
+    assert!(!ok);
+    assert!(err.contains("invalid-input"), "{err}");
+}
