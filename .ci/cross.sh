@@ -61,18 +61,29 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 #  - tests with "minilm" in their name: the real all-MiniLM-L6-v2 forward passes take over 6 CPU
 #    minutes emulated; they run natively (gnu and x86_64-musl), and on aarch64 the same code paths
 #    are covered by the tiny-BERT references and the kernel tiers against the scalar oracle;
-#  - tests/cli.rs: it spawns the spinfer binary as a child, which only works where binfmt_misc
-#    routes aarch64 ELF files to qemu (not in containers); the aarch64 CLI is checked below.
+#  - test files that spawn the spinfer binary (tests/cli.rs, tests/bench_cli.rs), unless
+#    binfmt_misc routes aarch64 ELF files to qemu (often absent in containers); the aarch64 CLI
+#    itself is checked below.
 step "aarch64-musl: build the workspace tests, run them under qemu-aarch64-static"
 build_json=$(cargo test --workspace --target "$A64M" --lib --bins --tests --no-run \
     --message-format=json-render-diagnostics)
 mapfile -t A64_TESTS < <(grep -o '"executable":"[^"]*"' <<<"$build_json" \
     | sed 's/^"executable":"//; s/"$//')
 [ "${#A64_TESTS[@]}" -gt 0 ] || { echo "cross.sh: no aarch64 test binaries found" >&2; exit 1; }
+# Test files that spawn the CLI (env!("CARGO_BIN_EXE_...")) run only if the kernel hands aarch64
+# ELF files to qemu by itself.
+SPAWNERS=" "
+if ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
+    for f in $(grep -l CARGO_BIN_EXE tests/*.rs kernels/tests/*.rs 2>/dev/null); do
+        SPAWNERS+="$(basename "$f" .rs) "
+    done
+fi
 for t in "${A64_TESTS[@]}"; do
-    case "$(basename "$t")" in
-    cli-*) echo "--- skip $t under qemu (spawns the aarch64 CLI; see above)"; continue ;;
-    esac
+    name=$(basename "$t")
+    if [[ "$SPAWNERS" == *" ${name%-*} "* ]]; then
+        echo "--- skip $t under qemu (spawns the aarch64 CLI, no binfmt_misc; see above)"
+        continue
+    fi
     s=$SECONDS
     echo "--- qemu-aarch64-static $t"
     qemu-aarch64-static "$t" --skip minilm
