@@ -67,7 +67,8 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 step "aarch64-musl: build the workspace tests, run them under qemu-aarch64-static"
 build_json=$(cargo test --workspace --target "$A64M" --lib --bins --tests --no-run \
     --message-format=json-render-diagnostics)
-mapfile -t A64_TESTS < <(grep '"test":true' <<<"$build_json" | grep -o '"executable":"[^"]*"' \
+# Test harnesses are the executables under deps/ (the plain spinfer binary is not one).
+mapfile -t A64_TESTS < <(grep -o '"executable":"[^"]*/deps/[^"]*"' <<<"$build_json" \
     | sed 's/^"executable":"//; s/"$//')
 [ "${#A64_TESTS[@]}" -gt 0 ] || { echo "cross.sh: no aarch64 test binaries found" >&2; exit 1; }
 # Test files that spawn the CLI (env!("CARGO_BIN_EXE_...")) run only if the kernel hands aarch64
