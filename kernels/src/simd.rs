@@ -190,6 +190,7 @@ pub(crate) struct MatmulJob<'a> {
     pub w: Weights<'a>,
     pub x: &'a [f32],
     /// X rounded to bf16 (n, k), for the AVX-512 BF16 path only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read only by x86_64/avx512.rs
     pub xb: &'a [u16],
     /// X packed for the outer-product path ([`pack_x`]); empty for the dot-product path.
     pub xp: &'a [f32],
