@@ -216,7 +216,7 @@ thread_local! {
 
 /// Write (first k-block) or accumulate a result tile into Y.
 #[inline(always)]
-unsafe fn put<const R: usize, const T: usize>(
+pub(crate) unsafe fn put<const R: usize, const T: usize>(
     y: *mut f32,
     m: usize,
     t0: usize,

@@ -192,26 +192,7 @@ pub(crate) mod bf16dot {
         out
     }
 
-    #[inline(always)]
-    unsafe fn put<const R: usize, const T: usize>(
-        y: *mut f32,
-        m: usize,
-        t0: usize,
-        r0: usize,
-        o: &[[f32; R]; T],
-        first: bool,
-    ) {
-        for t in 0..T {
-            let row = y.add((t0 + t) * m + r0);
-            for r in 0..R {
-                if first {
-                    *row.add(r) = o[t][r];
-                } else {
-                    *row.add(r) += o[t][r];
-                }
-            }
-        }
-    }
+    use crate::simd::put;
 
     /// Y[:, r0..r1] of `job` (whose `w` must be bf16 and `xb` X rounded to bf16).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
