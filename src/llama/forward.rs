@@ -78,6 +78,12 @@ impl LlamaState {
         self.pos = 0;
     }
 
+    /// Keep only the first `pos` positions (no-op if there are fewer), e.g. to rerun a decode
+    /// step at the same depth; later cache entries are simply overwritten.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
     /// Logits of the last token run (vocab).
     pub fn logits(&self) -> &[f32] {
         &self.logits
