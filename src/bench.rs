@@ -95,7 +95,7 @@ pub fn bench_llama(dir: &Path, prompt_tokens: usize, gen_tokens: usize) -> Resul
     let prefill_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     for _ in 0..gen_tokens {
-        let next = argmax(logits) as u32;
+        let next = crate::sampler::argmax(logits) as u32;
         logits = model.forward(&mut state, &[next])?;
     }
     let decode_s = t0.elapsed().as_secs_f64();
@@ -335,16 +335,6 @@ pub fn format_embed(b: &EmbedBench, l: &Limits) -> String {
         l.fma_gflops
     );
     s
-}
-
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Total size of the safetensors files in a model folder.
