@@ -85,6 +85,24 @@ impl Elem for bf16 {
     }
 }
 
+/// Hint the CPU to fetch the cache line holding `p` into L1 (a no-op elsewhere).
+/// Never faults, so `p` may point past the end of the weights.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint; SSE is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` is a hint and does not fault.
+    unsafe {
+        core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
 /// Largest lane count of any tier (AVX-512: 16).
 const MAXN: usize = 16;
 
@@ -115,10 +133,29 @@ pub(crate) unsafe fn tile<S: Simd, E: Elem, const R: usize, const T: usize>(
     x: [*const f32; T],
     k: usize,
 ) -> [[f32; R]; T] {
+    tile_pf::<S, E, R, T>(s, w, x, k, 0)
+}
+
+/// [`tile`] that also prefetches, for each weight row, the element `ahead` places on (none if
+/// 0): matvec rows are often exactly one 4 KiB page, where the hardware prefetcher stops, so
+/// it would retrain on every row.
+#[inline(always)]
+unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
+    s: S,
+    w: [*const E; R],
+    x: [*const f32; T],
+    k: usize,
+    ahead: usize,
+) -> [[f32; R]; T] {
     let n = S::N;
     let mut acc = [[s.splat(0.0); R]; T];
     let mut i = 0;
     while i + n <= k {
+        if ahead != 0 && (i * std::mem::size_of::<E>()) % 64 == 0 {
+            for p in w {
+                prefetch(p.wrapping_add(i + ahead));
+            }
+        }
         let mut wv = [s.splat(0.0); R];
         for r in 0..R {
             wv[r] = E::vload(s, w[r].add(i));
@@ -158,7 +195,7 @@ unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], x: &[f32], y: &mut [f32]) {
             wp.add((r + 2) * k),
             wp.add((r + 3) * k),
         ];
-        let o = tile::<S, E, 4, 1>(s, ws, xp, k);
+        let o = tile_pf::<S, E, 4, 1>(s, ws, xp, k, 4 * k);
         y[r..r + 4].copy_from_slice(&o[0]);
         r += 4;
     }
