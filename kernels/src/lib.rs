@@ -189,6 +189,8 @@ pub(crate) struct Table {
     pub to_f32: fn(Weights<'_>, &mut [f32]),
     /// Independent FMA chains for the probe: 12 · lanes · 2 FLOP per iteration.
     pub burn: fn(usize) -> f32,
+    /// Sum of a buffer, read as fast as the core can (the probe's bandwidth).
+    pub read: fn(&[f32]) -> f32,
     /// Independent bf16 dot-product chains: 12 · 64 FLOP per iteration.
     pub bf16_burn: Option<fn(usize) -> f32>,
 }
@@ -240,6 +242,7 @@ static SCALAR: Table = Table {
     axpy: scalar::axpy,
     to_f32: scalar::to_f32,
     burn: scalar_burn,
+    read: |x| x.iter().sum(),
     bf16_burn: None,
 };
 
@@ -356,6 +359,13 @@ pub fn set_bf16_dot(on: bool) {
     BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// A raw output pointer shared by threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: only used where each thread writes a range no other thread touches.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN: usize = 1 << 16;
 
@@ -460,22 +470,50 @@ impl Kernels {
     /// y = W x with W `(y.len(), x.len())` row-major. Rows are split over the thread pool
     /// when the product is big enough to pay for it.
     pub fn matvec(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
-        assert_eq!(
-            w.len(),
-            x.len() * y.len(),
-            "matvec: weights are not (rows, cols)"
-        );
-        let (rows, cols) = (y.len(), x.len());
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || rows * cols < PAR_MIN || rows < 16 {
-            return (self.t.matvec)(w, x, y);
+        self.matvecs(&mut [(w, y)], x)
+    }
+
+    /// y_i = W_i x for up to four matrices sharing `x` (decode's q/k/v, gate/up) in one
+    /// parallel pass over all their rows: one fork/join instead of several, and threads take
+    /// ~64 KiB blocks of rows in turn so at the end neither waits long for the other.
+    pub fn matvecs(&self, jobs: &mut [(Weights<'_>, &mut [f32])], x: &[f32]) {
+        assert!(jobs.len() <= 4, "matvecs: at most four matrices");
+        let cols = x.len();
+        let mut total = 0;
+        for (w, y) in jobs.iter() {
+            assert_eq!(
+                w.len(),
+                cols * y.len(),
+                "matvec: weights are not (rows, cols)"
+            );
+            total += w.len();
         }
-        // A few chunks per thread so a busy core does not hold up the rest.
-        let chunk = rows.div_ceil(threads * 4).next_multiple_of(4).max(8);
+        let threads = rayon::current_num_threads();
+        if threads <= 1 || total < PAR_MIN {
+            for (w, y) in jobs.iter_mut() {
+                (self.t.matvec)(*w, x, y);
+            }
+            return;
+        }
+        // Blocks of whole 8-row tiles; a block never straddles two matrices.
+        let elem = jobs[0].0.elem_size();
+        let block = (65536 / (cols * elem).max(1)).next_multiple_of(8).max(8);
+        let mut parts = [(jobs[0].0, SyncPtr(std::ptr::null_mut()), 0usize, 0usize); 4];
+        let mut blocks = 0;
+        for (i, (w, y)) in jobs.iter_mut().enumerate() {
+            parts[i] = (*w, SyncPtr(y.as_mut_ptr()), y.len(), blocks);
+            blocks += y.len().div_ceil(block);
+        }
+        let parts = &parts[..jobs.len()];
         let f = self.t.matvec;
-        y.par_chunks_mut(chunk).enumerate().for_each(|(i, yc)| {
-            let r0 = i * chunk;
-            f(w.slice(r0 * cols, (r0 + yc.len()) * cols), x, yc)
+        (0..blocks).into_par_iter().for_each(|b| {
+            let &(w, ref y, rows, first) = parts.iter().rev().find(|p| p.3 <= b).unwrap();
+            let r0 = (b - first) * block;
+            let r1 = (r0 + block).min(rows);
+            // SAFETY: block b owns rows r0..r1 of this y, which no other block touches, and
+            // the `&mut` it came from outlives the parallel loop.
+            let yb = unsafe { std::slice::from_raw_parts_mut(y.0.add(r0), r1 - r0) };
+            f(w.slice(r0 * cols, r1 * cols), x, yb)
         });
     }
 

@@ -181,28 +181,34 @@ unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
     out
 }
 
+/// Rows of `R` weight rows at a time from row `r`, each tile prefetching the next one; returns
+/// the first row not done.
+#[inline(always)]
+unsafe fn matvec_rows<S: Simd, E: Elem, const R: usize>(
+    s: S,
+    w: &[E],
+    x: &[f32],
+    y: &mut [f32],
+    mut r: usize,
+) -> usize {
+    let k = x.len();
+    let wp = w.as_ptr();
+    while r + R <= y.len() {
+        let ws: [*const E; R] = std::array::from_fn(|j| wp.add((r + j) * k));
+        let o = tile_pf::<S, E, R, 1>(s, ws, [x.as_ptr()], k, R * k);
+        y[r..r + R].copy_from_slice(&o[0]);
+        r += R;
+    }
+    r
+}
+
+/// y = W x. Eight rows at a time: eight streams keep more cache-line fetches in flight than
+/// four (about 3% more bandwidth).
 #[inline(always)]
 unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], x: &[f32], y: &mut [f32]) {
-    let k = x.len();
-    let rows = y.len();
-    let wp = w.as_ptr();
-    let xp = [x.as_ptr()];
-    let mut r = 0;
-    while r + 4 <= rows {
-        let ws = [
-            wp.add(r * k),
-            wp.add((r + 1) * k),
-            wp.add((r + 2) * k),
-            wp.add((r + 3) * k),
-        ];
-        let o = tile_pf::<S, E, 4, 1>(s, ws, xp, k, 4 * k);
-        y[r..r + 4].copy_from_slice(&o[0]);
-        r += 4;
-    }
-    while r < rows {
-        y[r] = tile::<S, E, 1, 1>(s, [wp.add(r * k)], xp, k)[0][0];
-        r += 1;
-    }
+    let r = matvec_rows::<S, E, 8>(s, w, x, y, 0);
+    let r = matvec_rows::<S, E, 4>(s, w, x, y, r);
+    matvec_rows::<S, E, 1>(s, w, x, y, r);
 }
 
 #[inline(always)]
@@ -1018,6 +1024,34 @@ pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
     s.hsum(t)
 }
 
+/// Sum `x` as 8 sequential streams far apart, a cache line per stream per step: several
+/// streams keep more lines in flight than one (about 10% more bandwidth here), so this is the
+/// read rate a kernel can reach, the probe's yardstick for the memory-bound kernels.
+#[inline(always)]
+pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
+    const STREAMS: usize = 8;
+    const LINE: usize = 16; // f32 per 64-byte cache line
+    let len = x.len() / STREAMS / LINE * LINE;
+    let p = x.as_ptr();
+    let mut acc = [s.splat(0.0); STREAMS];
+    let mut i = 0;
+    while i < len {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let mut v = 0;
+            while v < LINE {
+                *a = s.add(*a, s.load(p.add(j * len + i + v)));
+                v += S::N;
+            }
+        }
+        i += LINE;
+    }
+    let mut t = s.splat(0.0);
+    for a in acc {
+        t = s.add(t, a);
+    }
+    s.hsum(t) + x[STREAMS * len..].iter().sum::<f32>()
+}
+
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
 /// `$S` the tier's [`Simd`] token (a unit struct); `$rt`/`$tt` the dot-product matmul tile
@@ -1092,6 +1126,10 @@ macro_rules! tier_table {
         unsafe fn burn_(iters: usize) -> f32 {
             g::burn($S, iters)
         }
+        #[$attr]
+        unsafe fn read_(x: &[f32]) -> f32 {
+            g::read($S, x)
+        }
 
         pub(crate) static $name: crate::Table = crate::Table {
             dot: |w, x| unsafe { dot_(w, x) },
@@ -1111,6 +1149,7 @@ macro_rules! tier_table {
             axpy: |y, a, x| unsafe { axpy_(y, a, x) },
             to_f32: |w, o| unsafe { to_f32_(w, o) },
             burn: |i| unsafe { burn_(i) },
+            read: |x| unsafe { read_(x) },
             bf16_burn: $bf16burn,
         };
     };

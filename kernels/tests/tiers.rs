@@ -179,6 +179,40 @@ fn matvec_model_sizes() {
     }
 }
 
+#[test]
+fn matvecs_fused_match_separate_products() {
+    // Rows that leave 8-, 4- and 1-row tails, enough of them to run on the pool in blocks that
+    // end inside a matrix, and a different dtype per matrix.
+    let mut rng = Rng(5);
+    let cols = 300;
+    let rows = [13, 301, 40];
+    let ws: Vec<W> = rows.iter().map(|&r| W::new(&mut rng, r * cols)).collect();
+    let x = rng.vec(cols, 1.0);
+    for k in tiers() {
+        for shift in 0..3 {
+            let wts: Vec<Weights<'_>> = (0..3).map(|i| ws[i].all(0)[(i + shift) % 3]).collect();
+            let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; r]).collect();
+            let [y0, y1, y2] = &mut ys[..] else {
+                unreachable!()
+            };
+            k.matvecs(&mut [(wts[0], y0), (wts[1], y1), (wts[2], y2)], &x);
+            for i in 0..3 {
+                let mut want = vec![0f32; rows[i]];
+                scalar::matvec(wts[i], &x, &mut want);
+                for r in 0..rows[i] {
+                    let tol = 1e-5 * absdot(wts[i].row(r, cols), &x) + 1e-30;
+                    let err = (ys[i][r] as f64 - want[r] as f64).abs();
+                    assert!(
+                        err <= tol,
+                        "{} matvecs matrix {i} row {r}: {err:e}",
+                        k.isa()
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn check_matmul(rng: &mut Rng, n: usize, m: usize, kk: usize) {
     let w = W::new(rng, m * kk + 1);
     let x = rng.vec(n * kk + 1, 1.0);

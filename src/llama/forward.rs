@@ -177,9 +177,14 @@ impl Forward<'_> {
                 k.rmsnorm(&x[r.clone()], &lw.attn_norm, eps, &mut xn[r]);
             }
             let (kn, vn) = (&mut s.k[..n * kvd], &mut s.v[..n * kvd]);
-            mm(k, self.w.w(lw.wq), xn, n, q);
-            mm(k, self.w.w(lw.wk), xn, n, kn);
-            mm(k, self.w.w(lw.wv), xn, n, vn);
+            let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
+            if n == 1 {
+                k.matvecs(&mut [(wq, &mut *q), (wk, &mut *kn), (wv, &mut *vn)], xn);
+            } else {
+                k.matmul(wq, xn, n, q);
+                k.matmul(wk, xn, n, kn);
+                k.matmul(wv, xn, n, vn);
+            }
             for t in 0..n {
                 let (c, sn) = (
                     &s.cos[t * half..(t + 1) * half],
@@ -229,8 +234,13 @@ impl Forward<'_> {
                 let r = t * h..(t + 1) * h;
                 k.rmsnorm(&x[r.clone()], &lw.ffn_norm, eps, &mut xn[r]);
             }
-            mm(k, self.w.w(lw.w_gate), xn, n, gate);
-            mm(k, self.w.w(lw.w_up), xn, n, up);
+            let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
+            if n == 1 {
+                k.matvecs(&mut [(wg, &mut *gate), (wu, &mut *up)], xn);
+            } else {
+                k.matmul(wg, xn, n, gate);
+                k.matmul(wu, xn, n, up);
+            }
             k.silu_mul(gate, up);
             mm(k, self.w.w(lw.w_down), gate, n, xn);
             k.add(x, xn);
