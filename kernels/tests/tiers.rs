@@ -237,9 +237,12 @@ fn matmul_awkward_shapes() {
 #[test]
 fn matmul_packed_shapes_and_epilogues() {
     let mut rng = Rng(7);
-    // Tile edges (≤ 12 tokens, uneven splits), partial last panels, a split over threads.
+    // Tile edges (≤ 12 tokens, uneven splits), partial last panels, several k-blocks, a
+    // split over threads.
     for (n, m, kk) in [
         (1, 1, 1),
+        (13, 40, 1100),
+        (25, 33, 513),
         (2, 3, 0),
         (3, 5, 7),
         (13, 17, 33),

@@ -45,6 +45,8 @@ impl Scratch {
 /// Rows per parallel chunk for LayerNorm, and the fewest rows worth splitting.
 const ROWS_PER_TASK: usize = 16;
 const PAR_ROWS: usize = 64;
+/// Fewest attention multiply-adds per product (Σ len² · hidden) worth splitting.
+const ATTN_PAR_MIN: usize = 1 << 19;
 
 /// Embed token sequences (each non-empty, at most the window) into L2-normalised vectors.
 pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Result<Vec<Vec<f32>>> {
@@ -141,25 +143,31 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
             }
         }
         let (qh, kh, vt) = (&s.qh[..th], &s.kh[..th], &s.vt[..th]);
-        tasks
-            .into_par_iter()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (hd, i, out)| {
-                let (l, base) = (lens[i], hd * t * d + offs[i] * d);
-                scores.resize(l * l, 0.0);
-                let sc = &mut scores[..l * l]; // (l, l): query rows, key columns
-                matmul(
-                    kern,
-                    Weights::F32(&kh[base..base + l * d]),
-                    &qh[base..base + l * d],
-                    l,
-                    sc,
-                );
-                for row in sc.chunks_exact_mut(l) {
-                    kern.softmax(row);
-                }
-                // out (l, d) = P (l, l) · V (l, d), with V given transposed as (d, l).
-                matmul(kern, Weights::F32(&vt[base..base + l * d]), sc, l, out);
-            });
+        let attend = |scores: &mut Vec<f32>, (hd, i, out): (usize, usize, &mut [f32])| {
+            let (l, base) = (lens[i], hd * t * d + offs[i] * d);
+            scores.resize(l * l, 0.0);
+            let sc = &mut scores[..l * l]; // (l, l): query rows, key columns
+            matmul(
+                kern,
+                Weights::F32(&kh[base..base + l * d]),
+                &qh[base..base + l * d],
+                l,
+                sc,
+            );
+            for row in sc.chunks_exact_mut(l) {
+                kern.softmax(row);
+            }
+            // out (l, d) = P (l, l) · V (l, d), with V given transposed as (d, l).
+            matmul(kern, Weights::F32(&vt[base..base + l * d]), sc, l, out);
+        };
+        // A few short sentences are less work than a fork/join: run them here.
+        let work: usize = lens.iter().map(|&l| l * l).sum::<usize>() * h;
+        if work < ATTN_PAR_MIN {
+            let mut scores = Vec::new();
+            tasks.into_iter().for_each(|task| attend(&mut scores, task));
+        } else {
+            tasks.into_par_iter().for_each_init(Vec::new, attend);
+        }
 
         // Back to (t, hidden) in tmp, then the output dense + bias + residual, LayerNorm.
         for hd in 0..nh {
