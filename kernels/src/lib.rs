@@ -23,7 +23,7 @@ mod simd;
 mod x86_64;
 
 use rayon::prelude::*;
-use simd::MatmulJob;
+use simd::{MatmulJob, PwJob};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -176,6 +176,10 @@ pub(crate) struct Table {
     pub matmul_bf16: Option<Bf16Mm>,
     /// Tokens per packed X group of the outer-product matmul (0: the tier has none).
     pub op_width: usize,
+    /// Panels `p0..p1` of a matmul with pre-packed weights ([`PackedWeights`]).
+    pub matmul_pw: fn(&PwJob<'_>, usize, usize),
+    /// Rows per packed weight panel (one tile's worth of output columns).
+    pub pw_panel: usize,
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub layernorm: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
@@ -214,6 +218,29 @@ fn scalar_matmul_rows(j: &MatmulJob<'_>, r0: usize, r1: usize) {
     }
 }
 
+/// Panels (single rows: `pw_panel` is 1) p0..p1 of a pre-packed matmul, through the oracle.
+fn scalar_matmul_pw(j: &PwJob<'_>, p0: usize, p1: usize) {
+    for t in 0..j.n {
+        let x = &j.x[t * j.k..(t + 1) * j.k];
+        for r in p0..p1 {
+            let mut v = scalar::dot(Weights::F32(&j.w[r * j.k..(r + 1) * j.k]), x);
+            if let Some(b) = j.bias {
+                v += b[r];
+            }
+            if let Some(res) = j.residual {
+                v += res[t * j.m + r];
+            }
+            if j.gelu {
+                let mut g = [v];
+                scalar::gelu(&mut g);
+                v = g[0];
+            }
+            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
+            unsafe { *j.y.add(t * j.m + r) = v };
+        }
+    }
+}
+
 fn scalar_burn(iters: usize) -> f32 {
     let mut acc = [0f32; 12];
     for _ in 0..iters {
@@ -230,6 +257,8 @@ static SCALAR: Table = Table {
     matmul: scalar_matmul_rows,
     matmul_bf16: None,
     op_width: 0,
+    matmul_pw: scalar_matmul_pw,
+    pw_panel: 1,
     rmsnorm: scalar::rmsnorm,
     layernorm: scalar::layernorm,
     softmax: scalar::softmax,
@@ -374,6 +403,34 @@ thread_local! {
     static XB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// X packed for the outer-product path; grows to the largest (n, k) seen.
     static XP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A weight matrix (m, k) widened to f32 and repacked once (at model load) for
+/// [`Kernels::matmul_packed`], in the layout of the tier that packed it.
+pub struct PackedWeights {
+    isa: Isa,
+    p: usize,
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedWeights {
+    /// (rows, columns) of the original W.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+}
+
+/// What [`Kernels::matmul_packed`] applies to each output after the product, in this order.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// (m): added to every row of Y.
+    pub bias: Option<&'a [f32]>,
+    /// (n, m): added to Y.
+    pub residual: Option<&'a [f32]>,
+    /// Exact (erf) GELU.
+    pub gelu: bool,
 }
 
 /// The kernels of one tier. Obtain with [`kernels`] (the active tier) or [`Kernels::for_isa`].
@@ -619,6 +676,77 @@ impl Kernels {
             Ok(mut xb) => go(&mut xb),
             Err(_) => go(&mut Vec::new()),
         })
+    }
+
+    /// Repack W (m, k) for [`Kernels::matmul_packed`]: f32 panels of the tier's tile width.
+    pub fn pack_weights(&self, w: Weights<'_>, m: usize, k: usize) -> PackedWeights {
+        assert_eq!(w.len(), m * k, "pack_weights: w is not (m, k)");
+        let p = self.t.pw_panel;
+        let data = match w {
+            Weights::F32(w) => simd::pack_w(w, m, k, p),
+            Weights::F16(w) => simd::pack_w(w, m, k, p),
+            Weights::Bf16(w) => simd::pack_w(w, m, k, p),
+        };
+        PackedWeights {
+            isa: self.isa,
+            p,
+            m,
+            k,
+            data,
+        }
+    }
+
+    /// Y = act(X Wᵀ + bias + residual) with X (n, k), W (m, k) packed by
+    /// [`Kernels::pack_weights`] of this tier, Y (n, m); exact f32 accumulation. The epilogue
+    /// runs on the tile's registers, so it costs no extra pass over Y.
+    pub fn matmul_packed(
+        &self,
+        w: &PackedWeights,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        epi: Epilogue<'_>,
+    ) {
+        assert_eq!(
+            w.isa, self.isa,
+            "matmul_packed: weights packed for another tier"
+        );
+        let (m, k) = (w.m, w.k);
+        assert!(
+            x.len() == n * k && y.len() == n * m,
+            "matmul_packed: shapes"
+        );
+        assert!(epi.bias.is_none_or(|b| b.len() == m), "matmul_packed: bias");
+        assert!(
+            epi.residual.is_none_or(|r| r.len() == n * m),
+            "matmul_packed: residual"
+        );
+        if n == 0 {
+            return;
+        }
+        let job = PwJob {
+            w: &w.data,
+            p: w.p,
+            x,
+            n,
+            k,
+            m,
+            y: y.as_mut_ptr(),
+            bias: epi.bias,
+            residual: epi.residual,
+            gelu: epi.gelu,
+        };
+        let np = m.div_ceil(w.p);
+        let threads = rayon::current_num_threads();
+        let f = self.t.matmul_pw;
+        if threads <= 1 || n * k * m < PAR_MIN || np < 2 {
+            return f(&job, 0, np);
+        }
+        // Two chunks per thread: little fork/join cost, some slack for a busy core.
+        let chunk = np.div_ceil(threads * 2);
+        (0..np.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| f(&job, c * chunk, ((c + 1) * chunk).min(np)));
     }
 
     /// The AMX path: X packed once as bf16 B tiles, then W's rows split over the pool.

@@ -114,6 +114,16 @@ unsafe fn load_tail<S: Simd>(s: S, p: *const f32, len: usize) -> S::V {
     s.load(buf.as_ptr())
 }
 
+/// Load `len ≤ N` floats, zero-padded.
+#[inline(always)]
+unsafe fn load_n<S: Simd>(s: S, p: *const f32, len: usize) -> S::V {
+    if len == S::N {
+        s.load(p)
+    } else {
+        load_tail(s, p, len)
+    }
+}
+
 /// Store the first `len < N` lanes of `v`.
 #[inline(always)]
 unsafe fn store_tail<S: Simd>(s: S, p: *mut f32, len: usize, v: S::V) {
@@ -661,6 +671,136 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
+// ---------------------------------------------------------------- pre-packed weights
+
+/// W (m, k) repacked for [`matmul_pw`]: panels of `p` rows, each stored `[k][p]` (row index
+/// fastest) so one k step of a panel is `p / N` whole vectors; the last panel is padded with
+/// zero rows. `p = 1` is plain row-major W (the scalar tier).
+pub(crate) fn pack_w<E: Elem>(w: &[E], m: usize, k: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m.div_ceil(p) * p * k];
+    for (pi, panel) in out.chunks_exact_mut((p * k).max(1)).enumerate() {
+        for r in 0..p.min(m - pi * p) {
+            let row = &w[(pi * p + r) * k..(pi * p + r + 1) * k];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * p + r] = v.f();
+            }
+        }
+    }
+    out
+}
+
+/// Y (n, m) = act(X (n, k) · Wᵀ + bias + residual) with W packed by [`pack_w`]; `y` is shared
+/// between threads that each write a disjoint range of panels (columns).
+pub(crate) struct PwJob<'a> {
+    pub w: &'a [f32],
+    pub p: usize,
+    pub x: &'a [f32],
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    pub y: *mut f32,
+    /// (m): added to every row.
+    pub bias: Option<&'a [f32]>,
+    /// (n, m): added after the bias.
+    pub residual: Option<&'a [f32]>,
+    /// Exact GELU last.
+    pub gelu: bool,
+}
+// SAFETY: as `MatmulJob`: threads write disjoint column ranges of `y`, the rest is read-only.
+unsafe impl Sync for PwJob<'_> {}
+
+/// Panels `p0..p1` of Y for all tokens. Each tile holds T tokens × NV vectors of output columns
+/// in registers: per k step NV loads of the panel and T broadcasts of X, no horizontal sums,
+/// and results go straight to Y's rows (the vectors run along Y's columns), so no token
+/// padding and no transpose: a 20-token batch wastes nothing.
+#[inline(always)]
+pub(crate) unsafe fn matmul_pw<S: Simd, const T: usize, const NV: usize>(
+    s: S,
+    j: &PwJob<'_>,
+    p0: usize,
+    p1: usize,
+) {
+    debug_assert_eq!(j.p, NV * S::N);
+    // Tiles of near-equal size (n = 13: 7 + 6, not 12 + 1): a thin tile has too few
+    // independent FMA chains to hide their latency.
+    let nt = j.n.div_ceil(T);
+    for pi in p0..p1 {
+        let mut t = 0;
+        for i in 0..nt {
+            let tt = j.n / nt + usize::from(i < j.n % nt);
+            macro_rules! go {
+                ($($c:literal)*) => {
+                    match tt {
+                        $($c => pw_tile::<S, $c, NV>(s, j, pi, t),)*
+                        _ => unreachable!("tile of {tt} tokens"),
+                    }
+                };
+            }
+            go!(1 2 3 4 5 6 7 8 9 10 11 12);
+            t += tt;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn pw_tile<S: Simd, const T: usize, const NV: usize>(
+    s: S,
+    j: &PwJob<'_>,
+    pi: usize,
+    t0: usize,
+) {
+    let (n, k, p) = (S::N, j.k, j.p);
+    let wp = j.w.as_ptr().add(pi * p * k);
+    let xp = j.x.as_ptr().add(t0 * k);
+    let mut acc = [[s.splat(0.0); NV]; T];
+    for kk in 0..k {
+        let mut wv = [s.splat(0.0); NV];
+        for v in 0..NV {
+            wv[v] = s.load(wp.add(kk * p + v * n));
+        }
+        for t in 0..T {
+            let b = s.splat(*xp.add(t * k + kk));
+            for v in 0..NV {
+                acc[t][v] = s.fma(wv[v], b, acc[t][v]);
+            }
+        }
+    }
+    // Epilogue on the registers; the last panel may be only partly live.
+    let c0 = pi * p;
+    let live = p.min(j.m - c0);
+    for v in 0..NV {
+        let c = c0 + v * n;
+        let len = n.min(live.saturating_sub(v * n));
+        if len == 0 {
+            break;
+        }
+        // A match, not `map`: closures would not inherit the target features.
+        #[allow(clippy::manual_map)]
+        let bias = match j.bias {
+            Some(b) => Some(load_n(s, b.as_ptr().add(c), len)),
+            None => None,
+        };
+        for t in 0..T {
+            let row = (t0 + t) * j.m + c;
+            let mut a = acc[t][v];
+            if let Some(b) = bias {
+                a = s.add(a, b);
+            }
+            if let Some(r) = j.residual {
+                a = s.add(a, load_n(s, r.as_ptr().add(row), len));
+            }
+            if j.gelu {
+                a = gelu_v(s, a);
+            }
+            if len == n {
+                s.store(j.y.add(row), a);
+            } else {
+                store_tail(s, j.y.add(row), len, a);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn widen<S: Simd, E: Elem>(s: S, src: &[E], dst: &mut [f32]) {
     let n = S::N;
@@ -1079,6 +1219,10 @@ macro_rules! tier_table {
             }
         }
         #[$attr]
+        unsafe fn matmul_pw_(j: &g::PwJob<'_>, p0: usize, p1: usize) {
+            g::matmul_pw::<_, $mr, $nv>($S, j, p0, p1)
+        }
+        #[$attr]
         unsafe fn rmsnorm_(x: &[f32], w: &[f32], e: f32, o: &mut [f32]) {
             g::rmsnorm($S, x, w, e, o)
         }
@@ -1137,6 +1281,8 @@ macro_rules! tier_table {
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,
             op_width: $nv * <$S as g::Simd>::N,
+            matmul_pw: |j, a, b| unsafe { matmul_pw_(j, a, b) },
+            pw_panel: $nv * <$S as g::Simd>::N,
             rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
             layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
             softmax: |x| unsafe { softmax_(x) },

@@ -9,7 +9,7 @@
 //! ulp (erfc 1.2e-7 fractional, exp's argument rounding ≤ 2e-6 relative for |x| ≤ 8), so
 //! |y - y_ref| ≤ 1e-6 + 1e-5·|y_ref|; norms add an f32 sum of squares (same 1e-5 relative).
 
-use spinfer_kernels::{bf16, f16, scalar, Isa, Kernels, Precision, Weights};
+use spinfer_kernels::{bf16, f16, scalar, Epilogue, Isa, Kernels, Precision, Weights};
 
 mod common;
 use common::Rng;
@@ -263,6 +263,82 @@ fn matmul_awkward_shapes() {
         (47, 25, 513),
     ] {
         check_matmul(&mut rng, n, m, k);
+    }
+}
+
+/// `matmul_packed` against the oracle, plain and with each epilogue: the product's bound as
+/// for `matmul`, then GELU (slope ≤ 1.13) adds its elementwise bound.
+#[test]
+fn matmul_packed_shapes_and_epilogues() {
+    let mut rng = Rng(7);
+    // Tile edges (≤ 12 tokens, uneven splits), partial last panels, several k-blocks, a
+    // split over threads.
+    for (n, m, kk) in [
+        (1, 1, 1),
+        (13, 40, 1100),
+        (25, 33, 513),
+        (2, 3, 0),
+        (3, 5, 7),
+        (13, 17, 33),
+        (18, 384, 384),
+        (25, 70, 100),
+        (40, 61, 257),
+        (70, 130, 300),
+    ] {
+        let w = W::new(&mut rng, m * kk);
+        let x = rng.vec(n * kk + 1, 1.0);
+        let x = &x[1..]; // odd start: unaligned rows
+        let bias = rng.vec(m, 1.0);
+        let res = rng.vec(n * m, 1.0);
+        for wt in w.all(0) {
+            let mut prod = vec![0f32; n * m];
+            scalar::matmul(wt, x, n, &mut prod);
+            for k in tiers() {
+                let pw = k.pack_weights(wt, m, kk);
+                for (bi, (b, r, g)) in [
+                    (None, None, false),
+                    (Some(&bias[..]), None, true),
+                    (Some(&bias[..]), Some(&res[..]), false),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let mut want = prod.clone();
+                    for t in 0..n {
+                        let row = &mut want[t * m..(t + 1) * m];
+                        if let Some(b) = b {
+                            scalar::add(row, b);
+                        }
+                        if let Some(r) = r {
+                            scalar::add(row, &r[t * m..(t + 1) * m]);
+                        }
+                        if g {
+                            scalar::gelu(row);
+                        }
+                    }
+                    let mut got = vec![f32::NAN; n * m];
+                    let epi = Epilogue {
+                        bias: b,
+                        residual: r,
+                        gelu: g,
+                    };
+                    k.matmul_packed(&pw, x, n, &mut got, epi);
+                    for t in 0..n {
+                        for c in 0..m {
+                            let (gv, e) = (got[t * m + c], want[t * m + c]);
+                            let tol = 1.2e-5 * absdot(wt.row(c, kk), &x[t * kk..(t + 1) * kk])
+                                + 1e-6
+                                + 1e-5 * e.abs() as f64;
+                            assert!(
+                                ((gv - e) as f64).abs() <= tol,
+                                "{} matmul_packed {n}x{m}x{kk} epilogue {bi} at ({t},{c}): {gv} vs {e}",
+                                k.isa()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

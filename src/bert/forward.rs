@@ -6,16 +6,14 @@
 use super::{BertConfig, BertModel};
 use crate::{Error, Result};
 use rayon::prelude::*;
-use spinfer_kernels::{Kernels, Precision, Weights};
+use spinfer_kernels::{Epilogue, Kernels, Precision, Weights};
 
-/// Activations for up to `cap` packed tokens, allocated once per `embed` call.
+/// Activations for up to `cap` packed tokens, kept by the model between calls.
 pub(super) struct Scratch {
     cap: usize,
     x: Vec<f32>,    // (tokens, hidden): the hidden states
-    tmp: Vec<f32>,  // (tokens, hidden): dense outputs before residual + LayerNorm
-    q: Vec<f32>,    // (tokens, hidden); reused for the attention context
-    k: Vec<f32>,    // (tokens, hidden)
-    v: Vec<f32>,    // (tokens, hidden)
+    tmp: Vec<f32>,  // (tokens, hidden): dense outputs before LayerNorm; the attention context
+    qkv: Vec<f32>,  // (tokens, 3 hidden): q, k, v side by side
     qh: Vec<f32>,   // (heads, tokens, head_dim): q per head, scaled by 1/sqrt(head_dim)
     kh: Vec<f32>,   // (heads, tokens, head_dim)
     vt: Vec<f32>,   // (heads, [per sentence (head_dim, len)]): v per head, transposed
@@ -30,9 +28,7 @@ impl Scratch {
             cap,
             x: vec![0.0; th],
             tmp: vec![0.0; th],
-            q: vec![0.0; th],
-            k: vec![0.0; th],
-            v: vec![0.0; th],
+            qkv: vec![0.0; 3 * th],
             qh: vec![0.0; th],
             kh: vec![0.0; th],
             vt: vec![0.0; th],
@@ -40,10 +36,17 @@ impl Scratch {
             ffn: vec![0.0; cap * cfg.intermediate_size],
         }
     }
+
+    pub(super) fn cap(&self) -> usize {
+        self.cap
+    }
 }
 
-/// Rows per parallel chunk for the row-wise steps (bias, LayerNorm, GELU).
+/// Rows per parallel chunk for LayerNorm, and the fewest rows worth splitting.
 const ROWS_PER_TASK: usize = 16;
+const PAR_ROWS: usize = 64;
+/// Fewest attention multiply-adds per product (Σ len² · hidden) worth splitting.
+const ATTN_PAR_MIN: usize = 1 << 19;
 
 /// Embed token sequences (each non-empty, at most the window) into L2-normalised vectors.
 pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Result<Vec<Vec<f32>>> {
@@ -102,32 +105,27 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
 
     let scale = 1.0 / (d as f32).sqrt();
     for layer in &m.layers {
-        let x = &s.x[..th];
-        // Q, K, V: (t, hidden) each.
-        let wq = m.store.data(layer.wq);
-        let wk = m.store.data(layer.wk);
-        let wv = m.store.data(layer.wv);
-        matmul(kern, wq, x, t, &mut s.q[..th]);
-        matmul(kern, wk, x, t, &mut s.k[..th]);
-        matmul(kern, wv, x, t, &mut s.v[..th]);
-        add_bias_rows(kern, &mut s.q[..th], &layer.bq);
-        add_bias_rows(kern, &mut s.k[..th], &layer.bk);
-        add_bias_rows(kern, &mut s.v[..th], &layer.bv);
+        // Q, K, V: (t, 3 hidden), biases added in the product's epilogue.
+        let epi = Epilogue {
+            bias: Some(&layer.bqkv),
+            ..Epilogue::default()
+        };
+        kern.matmul_packed(&layer.wqkv, &s.x[..th], t, &mut s.qkv[..3 * th], epi);
 
         // Head-major copies so each (sentence, head) block is contiguous for the matmuls.
         for hd in 0..nh {
             let blk = hd * t * d;
             for r in 0..t {
-                let src = r * h + hd * d;
-                s.qh[blk + r * d..blk + (r + 1) * d].copy_from_slice(&s.q[src..src + d]);
-                s.kh[blk + r * d..blk + (r + 1) * d].copy_from_slice(&s.k[src..src + d]);
+                let src = r * 3 * h + hd * d;
+                s.qh[blk + r * d..blk + (r + 1) * d].copy_from_slice(&s.qkv[src..src + d]);
+                s.kh[blk + r * d..blk + (r + 1) * d].copy_from_slice(&s.qkv[src + h..src + h + d]);
             }
             for (i, &l) in lens.iter().enumerate() {
                 let vt = &mut s.vt[blk + offs[i] * d..blk + (offs[i] + l) * d]; // (d, l)
                 for p in 0..l {
-                    let src = (offs[i] + p) * h + hd * d;
+                    let src = (offs[i] + p) * 3 * h + 2 * h + hd * d;
                     for c in 0..d {
-                        vt[c * l + p] = s.v[src + c];
+                        vt[c * l + p] = s.qkv[src + c];
                     }
                 }
             }
@@ -145,61 +143,63 @@ pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Resu
             }
         }
         let (qh, kh, vt) = (&s.qh[..th], &s.kh[..th], &s.vt[..th]);
-        tasks
-            .into_par_iter()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (hd, i, out)| {
-                let (l, base) = (lens[i], hd * t * d + offs[i] * d);
-                scores.resize(l * l, 0.0);
-                let sc = &mut scores[..l * l]; // (l, l): query rows, key columns
-                matmul(
-                    kern,
-                    Weights::F32(&kh[base..base + l * d]),
-                    &qh[base..base + l * d],
-                    l,
-                    sc,
-                );
-                for row in sc.chunks_exact_mut(l) {
-                    kern.softmax(row);
-                }
-                // out (l, d) = P (l, l) · V (l, d), with V given transposed as (d, l).
-                matmul(kern, Weights::F32(&vt[base..base + l * d]), sc, l, out);
-            });
+        let attend = |scores: &mut Vec<f32>, (hd, i, out): (usize, usize, &mut [f32])| {
+            let (l, base) = (lens[i], hd * t * d + offs[i] * d);
+            scores.resize(l * l, 0.0);
+            let sc = &mut scores[..l * l]; // (l, l): query rows, key columns
+            matmul(
+                kern,
+                Weights::F32(&kh[base..base + l * d]),
+                &qh[base..base + l * d],
+                l,
+                sc,
+            );
+            for row in sc.chunks_exact_mut(l) {
+                kern.softmax(row);
+            }
+            // out (l, d) = P (l, l) · V (l, d), with V given transposed as (d, l).
+            matmul(kern, Weights::F32(&vt[base..base + l * d]), sc, l, out);
+        };
+        // A few short sentences are less work than a fork/join: run them here.
+        let work: usize = lens.iter().map(|&l| l * l).sum::<usize>() * h;
+        if work < ATTN_PAR_MIN {
+            let mut scores = Vec::new();
+            tasks.into_iter().for_each(|task| attend(&mut scores, task));
+        } else {
+            tasks.into_par_iter().for_each_init(Vec::new, attend);
+        }
 
-        // Back to (t, hidden) in q, then the output dense + residual + LayerNorm.
+        // Back to (t, hidden) in tmp, then the output dense + bias + residual, LayerNorm.
         for hd in 0..nh {
             let blk = hd * t * d;
             for r in 0..t {
                 let dst = r * h + hd * d;
-                s.q[dst..dst + d].copy_from_slice(&s.ctxh[blk + r * d..blk + (r + 1) * d]);
+                s.tmp[dst..dst + d].copy_from_slice(&s.ctxh[blk + r * d..blk + (r + 1) * d]);
             }
         }
-        let wo = m.store.data(layer.wo);
-        matmul(kern, wo, &s.q[..th], t, &mut s.tmp[..th]);
-        add_bias_residual_rows(kern, &mut s.tmp[..th], &layer.bo, &s.x[..th]);
-        layernorm_rows(
-            kern,
-            &s.tmp[..th],
-            &layer.ln1_w,
-            &layer.ln1_b,
-            cfg,
-            &mut s.x[..th],
-        );
+        let dense = &mut s.qkv[..th]; // q, k, v are spent
+        let epi = Epilogue {
+            bias: Some(&layer.bo),
+            residual: Some(&s.x[..th]),
+            gelu: false,
+        };
+        kern.matmul_packed(&layer.wo, &s.tmp[..th], t, dense, epi);
+        layernorm_rows(kern, dense, &layer.ln1_w, &layer.ln1_b, cfg, &mut s.x[..th]);
 
         // Feed-forward: GELU(x W_upᵀ + b) W_downᵀ + b, residual, LayerNorm.
         let ti = t * inter;
-        let w_up = m.store.data(layer.w_up);
-        matmul(kern, w_up, &s.x[..th], t, &mut s.ffn[..ti]);
-        s.ffn[..ti]
-            .par_chunks_mut(ROWS_PER_TASK * inter)
-            .for_each(|rows| {
-                for row in rows.chunks_exact_mut(inter) {
-                    kern.add(row, &layer.b_up);
-                }
-                kern.gelu(rows);
-            });
-        let w_down = m.store.data(layer.w_down);
-        matmul(kern, w_down, &s.ffn[..ti], t, &mut s.tmp[..th]);
-        add_bias_residual_rows(kern, &mut s.tmp[..th], &layer.b_down, &s.x[..th]);
+        let epi = Epilogue {
+            bias: Some(&layer.b_up),
+            residual: None,
+            gelu: true,
+        };
+        kern.matmul_packed(&layer.w_up, &s.x[..th], t, &mut s.ffn[..ti], epi);
+        let epi = Epilogue {
+            bias: Some(&layer.b_down),
+            residual: Some(&s.x[..th]),
+            gelu: false,
+        };
+        kern.matmul_packed(&layer.w_down, &s.ffn[..ti], t, &mut s.tmp[..th], epi);
         layernorm_rows(
             kern,
             &s.tmp[..th],
@@ -233,28 +233,6 @@ fn matmul(kern: &Kernels, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
     kern.matmul_with(Precision::Exact, w, x, n, y)
 }
 
-fn add_bias_rows(kern: &Kernels, y: &mut [f32], bias: &[f32]) {
-    let m = bias.len();
-    y.par_chunks_mut(ROWS_PER_TASK * m).for_each(|rows| {
-        for row in rows.chunks_exact_mut(m) {
-            kern.add(row, bias);
-        }
-    });
-}
-
-/// y = y + bias + residual, row by row.
-fn add_bias_residual_rows(kern: &Kernels, y: &mut [f32], bias: &[f32], residual: &[f32]) {
-    let m = bias.len();
-    y.par_chunks_mut(ROWS_PER_TASK * m)
-        .zip(residual.par_chunks(ROWS_PER_TASK * m))
-        .for_each(|(rows, res)| {
-            for (row, r) in rows.chunks_exact_mut(m).zip(res.chunks_exact(m)) {
-                kern.add(row, bias);
-                kern.add(row, r);
-            }
-        });
-}
-
 fn layernorm_rows(
     kern: &Kernels,
     x: &[f32],
@@ -264,6 +242,13 @@ fn layernorm_rows(
     out: &mut [f32],
 ) {
     let h = w.len();
+    // Small batches on this thread: a fork/join costs more than a few rows.
+    if out.len() < PAR_ROWS * h {
+        for (orow, xrow) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            kern.layernorm(xrow, w, b, cfg.layer_norm_eps, orow);
+        }
+        return;
+    }
     out.par_chunks_mut(ROWS_PER_TASK * h)
         .zip(x.par_chunks(ROWS_PER_TASK * h))
         .for_each(|(o, xs)| {

@@ -21,8 +21,10 @@ pub use config::BertConfig;
 
 use crate::weights::{TensorRef, WeightStore};
 use crate::{Error, Result};
+use spinfer_kernels::{PackedWeights, Weights};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// Most tokens one forward pass packs; bigger requests run in several passes (results do not
@@ -46,26 +48,25 @@ pub struct BertModel {
     emb_ln_w: Vec<f32>,  // (hidden)
     emb_ln_b: Vec<f32>,  // (hidden)
     layers: Vec<Layer>,
+    /// Activation buffers kept between calls: fresh ones would be page-faulted in every call.
+    scratch: Mutex<Option<forward::Scratch>>,
 }
 
-/// One encoder layer: matrix names in the store, small vectors owned.
+/// One encoder layer. Matrices are widened to f32 and repacked for `matmul_packed` at load
+/// (~42 MB for MiniLM): repacking per call would cost as much as a batch-1 product itself.
 struct Layer {
-    wq: TensorRef,     // (hidden, hidden)
-    wk: TensorRef,     // (hidden, hidden)
-    wv: TensorRef,     // (hidden, hidden)
-    wo: TensorRef,     // (hidden, hidden)
-    w_up: TensorRef,   // (intermediate, hidden)
-    w_down: TensorRef, // (hidden, intermediate)
-    bq: Vec<f32>,      // (hidden)
-    bk: Vec<f32>,      // (hidden)
-    bv: Vec<f32>,      // (hidden)
-    bo: Vec<f32>,      // (hidden)
-    b_up: Vec<f32>,    // (intermediate)
-    b_down: Vec<f32>,  // (hidden)
-    ln1_w: Vec<f32>,   // (hidden) after attention
-    ln1_b: Vec<f32>,   // (hidden)
-    ln2_w: Vec<f32>,   // (hidden) after the feed-forward
-    ln2_b: Vec<f32>,   // (hidden)
+    wqkv: PackedWeights,   // (3 hidden, hidden): query, key, value rows, one product
+    wo: PackedWeights,     // (hidden, hidden)
+    w_up: PackedWeights,   // (intermediate, hidden)
+    w_down: PackedWeights, // (hidden, intermediate)
+    bqkv: Vec<f32>,        // (3 hidden)
+    bo: Vec<f32>,          // (hidden)
+    b_up: Vec<f32>,        // (intermediate)
+    b_down: Vec<f32>,      // (hidden)
+    ln1_w: Vec<f32>,       // (hidden) after attention
+    ln1_b: Vec<f32>,       // (hidden)
+    ln2_w: Vec<f32>,       // (hidden) after the feed-forward
+    ln2_b: Vec<f32>,       // (hidden)
 }
 
 impl BertModel {
@@ -78,11 +79,17 @@ impl BertModel {
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), window, cfg.vocab_size)?;
         let store = WeightStore::open_dir(dir)?;
 
+        let kern = spinfer_kernels::try_kernels()
+            .map_err(|e| Error::runtime(format!("kernels unavailable: {e}")))?;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let n = Names::detect(&store);
         let mat = |name: String, shape: [usize; 2]| -> Result<TensorRef> {
             store.get_shaped(&name, &shape)?;
             store.tensor_ref(&name)
+        };
+        let packed = |name: String, shape: [usize; 2]| -> Result<PackedWeights> {
+            let t = store.get_shaped(&name, &shape)?;
+            Ok(kern.pack_weights(t.data, shape[0], shape[1]))
         };
         let vec = |name: String, len: usize| store.get_f32_vec(&name, &[len]);
         let ln = |base: &str| -> Result<(Vec<f32>, Vec<f32>)> {
@@ -110,16 +117,20 @@ impl BertModel {
             let p = format!("encoder.layer.{i}.");
             let (ln1_w, ln1_b) = ln(&format!("{p}attention.output.LayerNorm"))?;
             let (ln2_w, ln2_b) = ln(&format!("{p}output.LayerNorm"))?;
+            // Q, K and V stacked into one (3h, h) matrix: one product, one pass over X.
+            let mut qkv = Vec::with_capacity(3 * h * h);
+            let mut bqkv = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                let name = n.name(&format!("{p}attention.self.{part}.weight"));
+                qkv.extend(store.get_f32_vec(&name, &[h, h])?);
+                bqkv.extend(vec(n.name(&format!("{p}attention.self.{part}.bias")), h)?);
+            }
             layers.push(Layer {
-                wq: mat(n.name(&format!("{p}attention.self.query.weight")), [h, h])?,
-                wk: mat(n.name(&format!("{p}attention.self.key.weight")), [h, h])?,
-                wv: mat(n.name(&format!("{p}attention.self.value.weight")), [h, h])?,
-                wo: mat(n.name(&format!("{p}attention.output.dense.weight")), [h, h])?,
-                w_up: mat(n.name(&format!("{p}intermediate.dense.weight")), [inter, h])?,
-                w_down: mat(n.name(&format!("{p}output.dense.weight")), [h, inter])?,
-                bq: vec(n.name(&format!("{p}attention.self.query.bias")), h)?,
-                bk: vec(n.name(&format!("{p}attention.self.key.bias")), h)?,
-                bv: vec(n.name(&format!("{p}attention.self.value.bias")), h)?,
+                wqkv: kern.pack_weights(Weights::F32(&qkv), 3 * h, h),
+                wo: packed(n.name(&format!("{p}attention.output.dense.weight")), [h, h])?,
+                w_up: packed(n.name(&format!("{p}intermediate.dense.weight")), [inter, h])?,
+                w_down: packed(n.name(&format!("{p}output.dense.weight")), [h, inter])?,
+                bqkv,
                 bo: vec(n.name(&format!("{p}attention.output.dense.bias")), h)?,
                 b_up: vec(n.name(&format!("{p}intermediate.dense.bias")), inter)?,
                 b_down: vec(n.name(&format!("{p}output.dense.bias")), h)?,
@@ -142,6 +153,7 @@ impl BertModel {
             emb_ln_w,
             emb_ln_b,
             layers,
+            scratch: Mutex::new(None),
         })
     }
 
@@ -210,7 +222,14 @@ impl BertModel {
             .map(|s| s.len())
             .sum::<usize>()
             .min(MAX_PASS_TOKENS.max(self.window));
-        let mut scratch = forward::Scratch::new(&self.cfg, pass_tokens);
+        // The kept scratch if it is free and big enough; concurrent callers get their own.
+        let mut kept = self.scratch.try_lock().ok();
+        let mut fresh = None;
+        let scratch = match kept.as_deref_mut() {
+            Some(Some(s)) if s.cap() >= pass_tokens => s,
+            Some(slot) => slot.insert(forward::Scratch::new(&self.cfg, pass_tokens)),
+            None => fresh.insert(forward::Scratch::new(&self.cfg, pass_tokens)),
+        };
         let mut out = Vec::with_capacity(seqs.len());
         let mut start = 0;
         while start < seqs.len() {
@@ -220,7 +239,7 @@ impl BertModel {
                 tokens += seqs[end].len();
                 end += 1;
             }
-            out.extend(forward::forward(self, &seqs[start..end], &mut scratch)?);
+            out.extend(forward::forward(self, &seqs[start..end], scratch)?);
             start = end;
         }
         Ok((out, count))
