@@ -532,7 +532,7 @@ impl Kernels {
 
     /// y_i = W_i x for up to four matrices sharing `x` (decode's q/k/v, gate/up) in one
     /// parallel pass over all their rows: one fork/join instead of several, and threads take
-    /// ~64 KiB blocks of rows in turn so at the end neither waits long for the other.
+    /// ~256 KiB blocks of rows in turn so at the end neither waits long for the other.
     pub fn matvecs(&self, jobs: &mut [(Weights<'_>, &mut [f32])], x: &[f32]) {
         assert!(jobs.len() <= 4, "matvecs: at most four matrices");
         let cols = x.len();
@@ -552,9 +552,12 @@ impl Kernels {
             }
             return;
         }
-        // Blocks of whole 8-row tiles; a block never straddles two matrices.
+        // ~256 KiB blocks of whole 8-row tiles, long enough for matvec's eight streams to run
+        // a while; a block never straddles two matrices.
         let elem = jobs[0].0.elem_size();
-        let block = (65536 / (cols * elem).max(1)).next_multiple_of(8).max(8);
+        let block = ((256 << 10) / (cols * elem).max(1))
+            .next_multiple_of(8)
+            .max(8);
         let mut parts = [(jobs[0].0, SyncPtr(std::ptr::null_mut()), 0usize, 0usize); 4];
         let mut blocks = 0;
         for (i, (w, y)) in jobs.iter_mut().enumerate() {
