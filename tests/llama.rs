@@ -283,6 +283,37 @@ fn model_is_shareable_across_threads() {
 }
 
 #[test]
+fn concurrent_decodes_match_a_lone_one() {
+    // Decode steps run on a team of the pool's threads; concurrent requests (from plain
+    // threads and from inside the pool) must neither deadlock nor change the numbers.
+    use rayon::prelude::*;
+    let model = LlamaModel::load(&model_dir("tiny-llama")).unwrap();
+    let ids = model.encode("The quick brown fox").unwrap();
+    let run = || {
+        let mut s = model.new_state(ids.len() + 12);
+        let mut logits = model.forward(&mut s, &ids).unwrap().to_vec();
+        let mut out = Vec::new();
+        for _ in 0..12 {
+            let next = argmax(&logits);
+            out.push(next);
+            logits = model.forward(&mut s, &[next]).unwrap().to_vec();
+        }
+        (out, logits)
+    };
+    let alone = run();
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..3).map(|_| sc.spawn(run)).collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), alone);
+        }
+    });
+    let in_pool: Vec<_> = (0..4).into_par_iter().map(|_| run()).collect();
+    for r in in_pool {
+        assert_eq!(r, alone);
+    }
+}
+
+#[test]
 fn decode_of_unknown_ids_does_not_panic() {
     let model = LlamaModel::load(&model_dir("tiny-llama")).unwrap();
     // Ids past the tokenizer's vocabulary have no text: either skipped or a clear error.

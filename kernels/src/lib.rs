@@ -14,6 +14,7 @@ pub use half::{bf16, f16};
 
 pub mod probe;
 pub mod scalar;
+pub mod team;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
@@ -528,6 +529,16 @@ impl Kernels {
     /// when the product is big enough to pay for it.
     pub fn matvec(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
         self.matvecs(&mut [(w, y)], x)
+    }
+
+    /// y = W x on the calling thread only (inside a [`team`], say).
+    pub fn matvec_here(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
+        assert_eq!(
+            w.len(),
+            x.len() * y.len(),
+            "matvec: weights are not (rows, cols)"
+        );
+        (self.t.matvec)(w, x, y)
     }
 
     /// y_i = W_i x for up to four matrices sharing `x` (decode's q/k/v, gate/up) in one

@@ -5,6 +5,7 @@ use super::config::LlamaConfig;
 use super::model::ModelWeights;
 use crate::{Error, Result};
 use rayon::prelude::*;
+use spinfer_kernels::team::{self, Shared};
 use spinfer_kernels::{Kernels, Weights};
 
 /// Most tokens one pass processes; longer prompts run in chunks of this size so scratch stays
@@ -259,6 +260,112 @@ impl Forward<'_> {
             }
         }
         s.pos += n;
+    }
+
+    /// One token at position `s.pos` (decode), the whole pass on one [`team`] of threads:
+    /// one fork/join per token, spinning barriers between the dependent steps, and the rows of
+    /// every matrix shared out between the threads. Same arithmetic as [`Forward::chunk`], which
+    /// it falls back to where no team can be formed.
+    pub fn decode(&self, s: &mut LlamaState, token: u32) {
+        let cfg = self.cfg;
+        let k = self.k;
+        let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let (eps, p0, cap, half) = (cfg.rms_norm_eps, s.pos, s.capacity, hd / 2);
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let len = p0 + 1; // causal: positions 0..=p0
+
+        k.to_f32(self.w.w(self.w.embed).row(token as usize, h), &mut s.x[..h]);
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let a = ((p0 as f32) * f) as f64;
+            s.cos[i] = a.cos() as f32;
+            s.sin[i] = a.sin() as f32;
+        }
+        let (cos, sin) = (&s.cos[..half], &s.sin[..half]);
+        let x = Shared::new(&mut s.x[..h]);
+        let xn = Shared::new(&mut s.xn[..h]);
+        let q = Shared::new(&mut s.q[..qd]);
+        let kn = Shared::new(&mut s.k[..kvd]);
+        let vn = Shared::new(&mut s.v[..kvd]);
+        let att = Shared::new(&mut s.att[..qd]);
+        let gate = Shared::new(&mut s.gate[..cfg.intermediate_size]);
+        let up = Shared::new(&mut s.up[..cfg.intermediate_size]);
+        let k_cache = Shared::new(&mut s.k_cache);
+        let v_cache = Shared::new(&mut s.v_cache);
+        let scores = Shared::new(&mut s.scores);
+        let logits = Shared::new(&mut s.logits);
+        let row = scores.len() / cfg.num_attention_heads;
+
+        // SAFETY (every `Shared` access below): between two barriers each element is written
+        // by one thread at most and then not read by another: serial steps run on thread 0,
+        // shared steps write disjoint rows, kv heads or blocks.
+        let ran = team::try_run(|t| unsafe {
+            for (l, lw) in self.w.layers.iter().enumerate() {
+                if t.id == 0 {
+                    k.rmsnorm(x.get(), &lw.attn_norm, eps, xn.all());
+                }
+                t.barrier();
+                let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
+                t.matvecs(k, &[(wq, q), (wk, kn), (wv, vn)], xn.get());
+
+                // Attention, by kv head: RoPE, into the cache (keys as rows, values as
+                // columns), then the group's query heads over positions 0..=p0.
+                let layer = l * kvd * cap;
+                t.share(cfg.num_key_value_heads, |g| {
+                    let kg = kn.slice(g * hd..(g + 1) * hd);
+                    k.rope(kg, hd, cos, sin);
+                    let keys = k_cache.slice(layer + g * cap * hd..layer + (g + 1) * cap * hd);
+                    keys[p0 * hd..len * hd].copy_from_slice(kg);
+                    let values = v_cache.slice(layer + g * hd * cap..layer + (g + 1) * hd * cap);
+                    for (d, &v) in vn.slice(g * hd..(g + 1) * hd).iter().enumerate() {
+                        values[d * cap + p0] = v;
+                    }
+                    for head in g * group..(g + 1) * group {
+                        let qh = q.slice(head * hd..(head + 1) * hd);
+                        k.rope(qh, hd, cos, sin);
+                        let sc = scores.slice(head * row..head * row + len);
+                        k.matvec_here(Weights::F32(&keys[..len * hd]), qh, sc);
+                        k.scale(sc, scale);
+                        k.softmax(sc);
+                        let out = att.slice(head * hd..(head + 1) * hd);
+                        for (d, o) in out.iter_mut().enumerate() {
+                            *o = k.dot(Weights::F32(&values[d * cap..d * cap + len]), sc);
+                        }
+                    }
+                });
+                t.matvecs(k, &[(self.w.w(lw.wo), xn)], att.get());
+                if t.id == 0 {
+                    k.add(x.all(), xn.get());
+                    k.rmsnorm(x.get(), &lw.ffn_norm, eps, xn.all());
+                }
+                t.barrier();
+
+                // SwiGLU feed-forward block.
+                let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
+                t.matvecs(k, &[(wg, gate), (wu, up)], xn.get());
+                const SILU_BLOCK: usize = 1024;
+                t.share(gate.len().div_ceil(SILU_BLOCK), |b| {
+                    let r = b * SILU_BLOCK..((b + 1) * SILU_BLOCK).min(gate.len());
+                    k.silu_mul(gate.slice(r.clone()), up.slice(r));
+                });
+                t.matvecs(k, &[(self.w.w(lw.w_down), xn)], gate.get());
+                if t.id == 0 {
+                    k.add(x.all(), xn.get());
+                }
+                t.barrier();
+            }
+            if t.id == 0 {
+                k.rmsnorm(x.get(), &self.w.norm, eps, xn.all());
+            }
+            t.barrier();
+            t.matvecs(k, &[(self.w.w(self.w.lm_head), logits)], xn.get());
+        });
+        if ran {
+            s.pos += 1;
+        } else {
+            // No team here (see `team::try_run`): the batched path gives the same numbers.
+            self.chunk(s, &[token], None);
+        }
     }
 
     /// Causal attention of the `n` queries at positions `p0..p0+n` over the cached keys and

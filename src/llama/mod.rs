@@ -129,7 +129,10 @@ impl LlamaModel {
         f.check(state, tokens)?;
         let batch = MAX_BATCH.min(state.capacity()).max(1);
         for chunk in tokens.chunks(batch) {
-            f.chunk(state, chunk, None);
+            match chunk {
+                [token] => f.decode(state, *token),
+                _ => f.chunk(state, chunk, None),
+            }
         }
         Ok(state.logits())
     }

@@ -1,0 +1,195 @@
+//! A team: every thread of the pool runs the same closure in step, with a spinning barrier
+//! between dependent phases. Decode uses it for a whole token (one fork/join instead of five
+//! per layer): between rayon calls the workers go to sleep and each wake-up costs microseconds
+//! in which the memory bus idles.
+
+use crate::{Kernels, Weights};
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// One team at a time: two teams sharing the pool could each hold a thread the other's
+/// barrier waits for.
+static ONE_TEAM: Mutex<()> = Mutex::new(());
+
+/// A slice that team threads write in disjoint parts (or one thread at a time, with barriers
+/// in between).
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _life: PhantomData<&'a mut [f32]>,
+}
+// SAFETY: the team's callers promise disjoint writes between barriers (see `slice`).
+unsafe impl Send for Shared<'_> {}
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    pub fn new(s: &'a mut [f32]) -> Shared<'a> {
+        Shared {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _life: PhantomData,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Elements `range` as a slice.
+    ///
+    /// # Safety
+    /// Until the next barrier, no other thread may write these elements, nor read them while
+    /// this thread writes them.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
+    }
+    /// The whole slice, to read.
+    ///
+    /// # Safety
+    /// No thread may write it until the next barrier.
+    pub unsafe fn get(&self) -> &[f32] {
+        std::slice::from_raw_parts(self.ptr, self.len)
+    }
+    /// The whole slice; as [`Shared::slice`].
+    ///
+    /// # Safety
+    /// As [`Shared::slice`].
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn all(&self) -> &mut [f32] {
+        self.slice(0..self.len)
+    }
+}
+
+struct Sync_ {
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    /// Work counters of even and odd phases: a phase resets the other's for the next one.
+    next: [AtomicUsize; 2],
+}
+
+/// One thread's view of the team.
+pub struct Team<'a> {
+    /// This thread's index, 0..n; thread 0 does the serial parts.
+    pub id: usize,
+    pub n: usize,
+    sync: &'a Sync_,
+    phase: Cell<usize>,
+}
+
+impl Team<'_> {
+    /// Wait until every thread of the team got here. Spins (the waits are microseconds), and
+    /// yields after a while in case the other thread was descheduled.
+    pub fn barrier(&self) {
+        if self.n == 1 {
+            return;
+        }
+        let s = self.sync;
+        let gen = s.generation.load(Ordering::Acquire);
+        if s.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            s.arrived.store(0, Ordering::Relaxed);
+            s.generation.store(gen.wrapping_add(1), Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while s.generation.load(Ordering::Acquire) == gen {
+            if spins < 1 << 11 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// The threads share `blocks` work items: `f(b)` runs once for each b in 0..blocks, on
+    /// whichever thread takes it first, in increasing order per thread. Ends with a barrier.
+    pub fn share(&self, blocks: usize, f: impl Fn(usize)) {
+        if self.n == 1 {
+            (0..blocks).for_each(f);
+            return;
+        }
+        let p = self.phase.get();
+        self.phase.set(p + 1);
+        let (this, other) = (&self.sync.next[p % 2], &self.sync.next[(p + 1) % 2]);
+        if self.id == 0 {
+            // Nobody touches the other counter before the barrier that ends this phase.
+            other.store(0, Ordering::Relaxed);
+        }
+        loop {
+            let b = this.fetch_add(1, Ordering::Relaxed);
+            if b >= blocks {
+                break;
+            }
+            f(b);
+        }
+        self.barrier();
+    }
+
+    /// y_i = W_i x for up to four matrices sharing `x`, the rows shared out in ~256 KiB
+    /// blocks (see [`Kernels::matvecs`]); ends with a barrier.
+    pub fn matvecs(&self, k: &Kernels, jobs: &[(Weights<'_>, Shared<'_>)], x: &[f32]) {
+        assert!(!jobs.is_empty() && jobs.len() <= 4);
+        let cols = x.len();
+        let elem = jobs[0].0.elem_size();
+        let block = ((256 << 10) / (cols * elem).max(1))
+            .next_multiple_of(8)
+            .max(8);
+        let mut first = [0usize; 4];
+        let mut blocks = 0;
+        for (i, (w, y)) in jobs.iter().enumerate() {
+            assert_eq!(
+                w.len(),
+                cols * y.len(),
+                "matvec: weights are not (rows, cols)"
+            );
+            first[i] = blocks;
+            blocks += y.len().div_ceil(block);
+        }
+        self.share(blocks, |b| {
+            let i = (0..jobs.len()).rev().find(|&i| first[i] <= b).unwrap();
+            let (w, y) = &jobs[i];
+            let r0 = (b - first[i]) * block;
+            let r1 = (r0 + block).min(y.len());
+            // SAFETY: block b is the only writer of rows r0..r1 of this output in this phase.
+            let yb = unsafe { y.slice(r0..r1) };
+            (k.t.matvec)(w.slice(r0 * cols, r1 * cols), x, yb)
+        });
+    }
+}
+
+/// Run `f` on every thread of the pool as one team (on the calling thread alone if the pool
+/// has one thread) and return true when all are done. Returns false without running `f`
+/// where a team could deadlock: when called from a pool thread (the caller could hold work a
+/// team thread waits for), or while another team runs.
+pub fn try_run(f: impl Fn(&Team<'_>) + Sync) -> bool {
+    let sync = Sync_ {
+        arrived: AtomicUsize::new(0),
+        generation: AtomicUsize::new(0),
+        next: [AtomicUsize::new(0), AtomicUsize::new(0)],
+    };
+    let n = rayon::current_num_threads();
+    let team = |id| Team {
+        id,
+        n,
+        sync: &sync,
+        phase: Cell::new(0),
+    };
+    if n <= 1 {
+        f(&team(0));
+        return true;
+    }
+    if rayon::current_thread_index().is_some() {
+        return false;
+    }
+    let Ok(_one) = ONE_TEAM.try_lock() else {
+        return false;
+    };
+    rayon::broadcast(|ctx| f(&team(ctx.index())));
+    true
+}
