@@ -19,6 +19,8 @@ pub struct Limits {
     pub fma_gflops: f64,
     /// AVX-512 BF16 dot-product peak, GFLOP/s, where the CPU has it.
     pub bf16_gflops: Option<f64>,
+    /// AMX bf16 tile peak, GFLOP/s, where the CPU has it and it is on.
+    pub amx_gflops: Option<f64>,
 }
 
 pub fn measure_limits() -> Limits {
@@ -28,6 +30,7 @@ pub fn measure_limits() -> Limits {
         bandwidth_gbs: probe::measure_bandwidth_gbs(),
         fma_gflops: probe::measure_fma_peak_gflops(threads),
         bf16_gflops: probe::measure_bf16_peak_gflops(threads),
+        amx_gflops: probe::measure_amx_peak_gflops(threads),
     }
 }
 
@@ -38,8 +41,7 @@ pub enum PrefillPath {
     Fma,
     /// AVX-512 BF16 dot products.
     Bf16Dot,
-    /// AMX tiles (bf16 weights on CPUs with AMX); no probe measures its peak, so the ratio is
-    /// printed against the f32 FMA peak and may exceed 100%.
+    /// AMX tiles (bf16 weights on CPUs with AMX).
     Amx,
 }
 
@@ -261,6 +263,9 @@ pub fn format_limits(l: &Limits) -> String {
     if let Some(b) = l.bf16_gflops {
         let _ = write!(s, ", bf16 dot peak {b:.0} GFLOP/s");
     }
+    if let Some(a) = l.amx_gflops {
+        let _ = write!(s, ", AMX bf16 peak {a:.0} GFLOP/s");
+    }
     s
 }
 
@@ -280,7 +285,10 @@ pub fn format_llama(b: &LlamaBench, l: &Limits) -> String {
     let gflops = b.prefill_flops * b.prefill_tok_s / b.prompt_tokens as f64 / 1e9;
     let (peak, which) = match (b.prefill_path, l.bf16_gflops) {
         (PrefillPath::Bf16Dot, Some(p)) => (p, "bf16 dot peak"),
-        (PrefillPath::Amx, _) => (l.fma_gflops, "f32 FMA peak (prefill ran on AMX tiles)"),
+        (PrefillPath::Amx, _) => match l.amx_gflops {
+            Some(p) => (p, "AMX bf16 peak"),
+            None => (l.fma_gflops, "f32 FMA peak (prefill ran on AMX tiles)"),
+        },
         _ => (l.fma_gflops, "f32 FMA peak"),
     };
     let _ = writeln!(

@@ -171,6 +171,8 @@ pub(crate) struct Table {
     pub dot: fn(Weights<'_>, &[f32]) -> f32,
     /// y = W x for the rows W holds.
     pub matvec: fn(Weights<'_>, &[f32], &mut [f32]),
+    /// y = W x with W's rows the given number of elements apart.
+    pub matvec_ld: fn(Weights<'_>, usize, &[f32], &mut [f32]),
     /// Columns r0..r1 of the job's Y, exact f32 accumulation.
     pub matmul: fn(&MatmulJob<'_>, usize, usize),
     /// The bf16 × bf16 dot-product matmul, where the CPU has one.
@@ -255,6 +257,11 @@ fn scalar_burn(iters: usize) -> f32 {
 static SCALAR: Table = Table {
     dot: scalar::dot,
     matvec: scalar::matvec,
+    matvec_ld: |w, ld, x, y| {
+        for (r, yr) in y.iter_mut().enumerate() {
+            *yr = scalar::dot(w.slice(r * ld, r * ld + x.len()), x);
+        }
+    },
     matmul: scalar_matmul_rows,
     matmul_bf16: None,
     op_width: 0,
@@ -539,6 +546,17 @@ impl Kernels {
             "matvec: weights are not (rows, cols)"
         );
         (self.t.matvec)(w, x, y)
+    }
+
+    /// y = W x on the calling thread, W's rows `ld` elements apart (a column block of a
+    /// wider matrix, say).
+    pub fn matvec_strided(&self, w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
+        assert!(ld >= x.len(), "matvec_strided: rows overlap");
+        assert!(
+            y.is_empty() || (y.len() - 1) * ld + x.len() <= w.len(),
+            "matvec_strided: weights too short"
+        );
+        (self.t.matvec_ld)(w, ld, x, y)
     }
 
     /// y_i = W_i x for up to four matrices sharing `x` (decode's q/k/v, gate/up) in one

@@ -62,6 +62,22 @@ pub fn measure_bf16_peak_gflops(threads: usize) -> Option<f64> {
     Some(peak(threads, f, 12.0 * 64.0))
 }
 
+/// AMX `tdpbf16ps` peak in GFLOP/s on `threads` threads, or None where AMX is unavailable
+/// (or switched off) or the active tier is not AVX-512.
+pub fn measure_amx_peak_gflops(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels().isa() == crate::Isa::Avx512 && crate::amx_enabled() {
+        // SAFETY: amx_enabled implies the CPU has AMX and Linux granted its permission.
+        return Some(peak(
+            threads,
+            |i| unsafe { crate::x86_64::amx::burn(i / 8) },
+            65536.0 / 8.0,
+        ));
+    }
+    let _ = threads;
+    None
+}
+
 /// Run `iters` rounds of the active tier's FMA burn loop on this thread; returns the FLOPs done
 /// (for callers that time it themselves, e.g. per on-CPU second on a shared machine).
 pub fn run_fma_burn(iters: usize) -> f64 {

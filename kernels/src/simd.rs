@@ -161,7 +161,7 @@ unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
     let mut acc = [[s.splat(0.0); R]; T];
     let mut i = 0;
     while i + n <= k {
-        if ahead != 0 && (i * std::mem::size_of::<E>()) % 64 == 0 {
+        if ahead != 0 && (i * std::mem::size_of::<E>()).is_multiple_of(64) {
             for p in w {
                 prefetch(p.wrapping_add(i + ahead));
             }
@@ -195,31 +195,38 @@ unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
 /// reads contiguous memory and can prefetch a fixed distance ahead across its rows. Eight
 /// streams keep more cache-line fetches in flight than one or four (a few % more bandwidth).
 #[inline(always)]
-unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], x: &[f32], y: &mut [f32]) {
+unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], ld: usize, x: &[f32], y: &mut [f32]) {
     const R: usize = 8;
     const AHEAD_BYTES: usize = 4096;
     let (k, rows) = (x.len(), y.len());
+    debug_assert!(rows == 0 || (rows - 1) * ld + k <= w.len());
     let wp = w.as_ptr();
     let ahead = AHEAD_BYTES / std::mem::size_of::<E>();
     let sub = rows / R;
     for rr in 0..sub {
-        let ws: [*const E; R] = std::array::from_fn(|j| wp.add((j * sub + rr) * k));
+        let ws: [*const E; R] = std::array::from_fn(|j| wp.add((j * sub + rr) * ld));
         let o = tile_pf::<S, E, R, 1>(s, ws, [x.as_ptr()], k, ahead);
         for (j, v) in o[0].into_iter().enumerate() {
             y[j * sub + rr] = v;
         }
     }
     for r in R * sub..rows {
-        y[r] = tile_pf::<S, E, 1, 1>(s, [wp.add(r * k)], [x.as_ptr()], k, ahead)[0][0];
+        y[r] = tile_pf::<S, E, 1, 1>(s, [wp.add(r * ld)], [x.as_ptr()], k, ahead)[0][0];
     }
 }
 
 #[inline(always)]
 pub(crate) unsafe fn matvec<S: Simd>(s: S, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
+    matvec_ld(s, w, x.len(), x, y)
+}
+
+/// y = W x with W's rows `ld` elements apart.
+#[inline(always)]
+pub(crate) unsafe fn matvec_ld<S: Simd>(s: S, w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
     match w {
-        Weights::F32(w) => matvec_e(s, w, x, y),
-        Weights::F16(w) => matvec_e(s, w, x, y),
-        Weights::Bf16(w) => matvec_e(s, w, x, y),
+        Weights::F32(w) => matvec_e(s, w, ld, x, y),
+        Weights::F16(w) => matvec_e(s, w, ld, x, y),
+        Weights::Bf16(w) => matvec_e(s, w, ld, x, y),
     }
 }
 
@@ -1204,6 +1211,10 @@ macro_rules! tier_table {
             g::matvec($S, w, x, y)
         }
         #[$attr]
+        unsafe fn matvec_ld_(w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
+            g::matvec_ld($S, w, ld, x, y)
+        }
+        #[$attr]
         unsafe fn matmul_(j: &g::MatmulJob<'_>, r0: usize, r1: usize) {
             if j.xp.is_empty() {
                 g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
@@ -1271,6 +1282,7 @@ macro_rules! tier_table {
         pub(crate) static $name: crate::Table = crate::Table {
             dot: |w, x| unsafe { dot_(w, x) },
             matvec: |w, x, y| unsafe { matvec_(w, x, y) },
+            matvec_ld: |w, ld, x, y| unsafe { matvec_ld_(w, ld, x, y) },
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,
             op_width: $nv * <$S as g::Simd>::N,

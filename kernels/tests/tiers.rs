@@ -180,6 +180,35 @@ fn matvec_model_sizes() {
 }
 
 #[test]
+fn strided_matvec_reads_a_column_block() {
+    // Rows `ld` apart: the first `cols` columns of a wider matrix, every tile tail.
+    let mut rng = Rng(6);
+    for (rows, cols, ld) in [(1, 5, 9), (13, 37, 40), (64, 160, 192), (9, 16, 16)] {
+        let w = W::new(&mut rng, rows * ld);
+        let x = rng.vec(cols, 1.0);
+        for k in tiers() {
+            for wt in w.all(0) {
+                let wt = wt.slice(0, (rows - 1) * ld + cols);
+                let mut got = vec![f32::NAN; rows];
+                k.matvec_strided(wt, ld, &x, &mut got);
+                for (r, g) in got.iter().enumerate() {
+                    let row = wt.slice(r * ld, r * ld + cols);
+                    let mut want = [0f32];
+                    scalar::matvec(row, &x, &mut want);
+                    let tol = 1e-5 * absdot(row, &x) + 1e-30;
+                    let err = (*g as f64 - want[0] as f64).abs();
+                    assert!(
+                        err <= tol,
+                        "{} strided row {r} of {rows}x{cols}/{ld}",
+                        k.isa()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn matvecs_fused_match_separate_products() {
     // Rows that leave 8-, 4- and 1-row tails, enough of them to run on the pool in blocks that
     // end inside a matrix, and a different dtype per matrix.

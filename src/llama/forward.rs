@@ -328,9 +328,8 @@ impl Forward<'_> {
                         k.scale(sc, scale);
                         k.softmax(sc);
                         let out = att.slice(head * hd..(head + 1) * hd);
-                        for (d, o) in out.iter_mut().enumerate() {
-                            *o = k.dot(Weights::F32(&values[d * cap..d * cap + len]), sc);
-                        }
+                        let vg = &values[..(hd - 1) * cap + len]; // (hd, len) of (hd, cap)
+                        k.matvec_strided(Weights::F32(vg), cap, sc, out);
                     }
                 });
                 t.matvecs(k, &[(self.w.w(lw.wo), xn)], att.get());
@@ -398,10 +397,9 @@ impl Forward<'_> {
                 k.matvec(Weights::F32(kg), qt, s);
                 k.scale(s, scale);
                 k.softmax(s);
-                for (d, o) in out[t * hd..(t + 1) * hd].iter_mut().enumerate() {
-                    let vd = &values[(g * hd + d) * cap..(g * hd + d) * cap + len]; // (len)
-                    *o = k.dot(Weights::F32(vd), s);
-                }
+                // out = V s, V the group's (hd, len) block of its (hd, cap) values.
+                let vg = &values[g * hd * cap..(g * hd + hd - 1) * cap + len];
+                k.matvec_strided(Weights::F32(vg), cap, s, &mut out[t * hd..(t + 1) * hd]);
             }
         };
         // Threads pay off only when there is enough work per layer.

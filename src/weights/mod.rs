@@ -186,7 +186,7 @@ impl WeightStore {
                     end: data_start + e,
                 };
                 // Kernels load whole elements; the mmap base is page-aligned, so check the offset.
-                if entry.start % dtype.size() != 0 {
+                if !entry.start.is_multiple_of(dtype.size()) {
                     return Err(Error::runtime(format!(
                         "{}: tensor {name:?} starts at byte {} which is not aligned to its {}-byte elements; re-save the file with a current safetensors",
                         path.display(),

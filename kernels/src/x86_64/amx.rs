@@ -14,6 +14,7 @@
 use crate::simd::MatmulJob;
 use crate::Weights;
 use core::arch::asm;
+use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 use std::sync::OnceLock;
 
 /// Tokens per B tile and weight rows per A/C tile.
@@ -236,6 +237,12 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
         // only after the whole slab: transposing between token blocks (scattered stores to
         // 32 Y rows) measured 10-30% slower, likely by evicting the W slab that the next
         // token block reads again.
+        // While this slab computes, prefetch the next one's rows, spread over all its k-steps:
+        // the first token-block pair reads the slab from memory, 16 rows (pages) per tile
+        // load, and would otherwise wait on DRAM latency at every step.
+        let next = (rb + 2 * T).min(m);
+        let next_rows = (m - next).min(2 * T);
+        let per_step = (next_rows * kfull).div_ceil((tblocks * kfull).max(1));
         for tb in 0..tblocks {
             let b0 = xb.add(2 * tb * kp * T);
             let b1 = b0.add(kp * T);
@@ -250,6 +257,11 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
             // (columns s·32.. < k) or the 16×32 `tail` tiles; B tiles lie in the packed X,
             // which covers kp columns of 2·tblocks token blocks; `c[tb]` is one `Ctiles`.
             for s in 0..kfull {
+                let first = (tb * kfull + s) * per_step;
+                for l in first..(first + per_step).min(next_rows * kfull) {
+                    let p = w.add((next + l / kfull) * k + (l % kfull) * KB);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
                 step(
                     a[0].p.add(s * KB),
                     a[1].p.add(s * KB),
@@ -348,4 +360,42 @@ unsafe fn step(
         sb = in(reg) 64usize,
         options(nostack, readonly),
     );
+}
+
+/// `iters` rounds of four independent `tdpbf16ps` on tiles in registers (the probe's AMX
+/// peak): 4 · 16·16·32 · 2 FLOP a round.
+///
+/// # Safety
+/// [`available`] must be true.
+pub(crate) unsafe fn burn(iters: usize) -> f32 {
+    let mut buf = Ctiles([0.0; 4 * T * T]);
+    let p = buf.0.as_mut_ptr();
+    // SAFETY: CFG is a valid palette-1 configuration; `buf` holds 16 rows of 64 bytes for the
+    // loads and four tiles for the stores; tile state is released at the end.
+    asm!("ldtilecfg [{}]", in(reg) &CFG as *const TileCfg, options(nostack, readonly));
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "tileloadd tmm4, [{p} + {s}*1]",
+        "tileloadd tmm5, [{p} + {s}*1]",
+        "tileloadd tmm6, [{p} + {s}*1]",
+        "tileloadd tmm7, [{p} + {s}*1]",
+        p = in(reg) p,
+        s = in(reg) 64usize,
+        options(nostack, readonly),
+    );
+    for _ in 0..iters {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem),
+        );
+    }
+    ctiles(p);
+    asm!("tilerelease", options(nostack, nomem));
+    buf.0.iter().sum()
 }
