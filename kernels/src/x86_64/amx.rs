@@ -159,13 +159,6 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, xp: &mut [u16]) {
     }
 }
 
-/// 16 weight rows as an A-operand source: a pointer and its row stride in bytes.
-#[derive(Clone, Copy)]
-struct Rows {
-    p: *const u16,
-    stride: usize,
-}
-
 /// Columns r0..r1 of Y (= W rows r0..r1) from `job.xb`, which holds X packed by [`pack_x`].
 ///
 /// # Safety
@@ -183,10 +176,12 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
     let xb = job.xb.as_ptr();
     let tblocks = n.div_ceil(2 * T); // pairs of token blocks
 
-    // Row blocks with fewer than 16 rows (m tail) are copied, zero-padded, to `pad` (16, k);
-    // the last k % 32 columns of each row block go to `tail` (two 16×32 tiles).
-    let mut pad: Vec<u16> = Vec::new();
-    let mut tail = [[0u16; T * KB]; 2];
+    // Each 32-row slab of W is first copied into `apack` as A tiles: block i (rows 16i..),
+    // k-step s: 16 rows × 32 bf16 = 1 KiB contiguous. Loading tiles straight from W touches 16
+    // rows (16 pages) per load, every token block again; packed, the later loads are
+    // contiguous L2 hits. Rows past m and columns past k are zero.
+    let ksteps = kp / KB;
+    let mut apack: Vec<u16> = vec![0; 2 * ksteps * T * KB];
     // The 2×2 C tiles of each token-block pair of the current 32-row slab.
     let mut c: Vec<Ctiles> = (0..tblocks).map(|_| Ctiles([0.0; 4 * T * T])).collect();
 
@@ -198,51 +193,35 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
     while rb < r1 {
         let rows = (r1 - rb).min(2 * T);
         let h = [rows.min(T), rows.saturating_sub(T)];
-        let mut a = [Rows { p: w, stride: 0 }; 2];
         for i in 0..2 {
-            let rs = rb + i * T;
-            a[i] = if h[i] == T {
-                // SAFETY: rows rs..rs+16 lie in W (m, k).
-                Rows {
-                    p: w.add(rs * k),
-                    stride: k * 2,
+            for r in 0..T {
+                let dst = apack.as_mut_ptr().add(i * ksteps * T * KB + r * KB);
+                if r >= h[i] {
+                    for st in 0..ksteps {
+                        std::ptr::write_bytes(dst.add(st * T * KB), 0, KB);
+                    }
+                    continue;
                 }
-            } else if h[i] > 0 {
-                pad.clear();
-                pad.resize(T * k, 0);
-                // SAFETY: rows rs..rs+h[i] lie in W.
-                std::ptr::copy_nonoverlapping(w.add(rs * k), pad.as_mut_ptr(), h[i] * k);
-                Rows {
-                    p: pad.as_ptr(),
-                    stride: k * 2,
+                // SAFETY: row rb+16i+r lies in W (m, k); each step writes one 64-byte row of
+                // a tile inside `apack`.
+                let src = w.add((rb + i * T + r) * k);
+                for st in 0..kfull {
+                    std::ptr::copy_nonoverlapping(src.add(st * KB), dst.add(st * T * KB), KB);
                 }
-            } else {
-                a[0] // no rows: compute on block 0 again and discard
-            };
-            if ktail > 0 {
-                let t = &mut tail[i];
-                t.fill(0);
-                for r in 0..T {
-                    let src = (a[i].p as *const u8).add(r * a[i].stride) as *const u16;
-                    // SAFETY: the last ktail columns of a row of W (or of `pad`).
-                    std::ptr::copy_nonoverlapping(
-                        src.add(kfull * KB),
-                        t.as_mut_ptr().add(r * KB),
-                        ktail,
-                    );
+                if ktail > 0 {
+                    let d = dst.add(kfull * T * KB);
+                    std::ptr::copy_nonoverlapping(src.add(kfull * KB), d, ktail);
+                    std::ptr::write_bytes(d.add(ktail), 0, KB - ktail);
                 }
             }
         }
-        // Each token-block pair: the full k with C in tmm0..3, stored to `c`. Y is written
-        // only after the whole slab: transposing between token blocks (scattered stores to
-        // 32 Y rows) measured 10-30% slower, likely by evicting the W slab that the next
-        // token block reads again.
+        let (a0, a1) = (apack.as_ptr(), apack.as_ptr().add(ksteps * T * KB));
         // While this slab computes, prefetch the next one's rows, spread over all its k-steps:
         // the first token-block pair reads the slab from memory, 16 rows (pages) per tile
         // load, and would otherwise wait on DRAM latency at every step.
         let next = (rb + 2 * T).min(m);
         let next_rows = (m - next).min(2 * T);
-        let per_step = (next_rows * kfull).div_ceil((tblocks * kfull).max(1));
+        let per_step = (next_rows * kfull).div_ceil(tblocks * ksteps);
         for tb in 0..tblocks {
             let b0 = xb.add(2 * tb * kp * T);
             let b1 = b0.add(kp * T);
@@ -253,32 +232,22 @@ pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
                 "tilezero tmm3",
                 options(nostack, nomem)
             );
-            // SAFETY (the steps and the store): A rows are 16 full rows of W or of `pad`
-            // (columns s·32.. < k) or the 16×32 `tail` tiles; B tiles lie in the packed X,
-            // which covers kp columns of 2·tblocks token blocks; `c[tb]` is one `Ctiles`.
-            for s in 0..kfull {
-                let first = (tb * kfull + s) * per_step;
+            // SAFETY (the steps and the store): A tiles lie in `apack` (ksteps of 1 KiB per
+            // block); B tiles lie in the packed X, which covers kp columns of 2·tblocks token
+            // blocks; `c[tb]` is one `Ctiles`.
+            for st in 0..ksteps {
+                let first = (tb * ksteps + st) * per_step;
                 for l in first..(first + per_step).min(next_rows * kfull) {
                     let p = w.add((next + l / kfull) * k + (l % kfull) * KB);
                     _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                 }
                 step(
-                    a[0].p.add(s * KB),
-                    a[1].p.add(s * KB),
-                    a[0].stride,
-                    a[1].stride,
-                    b0.add(s * KB * T),
-                    b1.add(s * KB * T),
-                );
-            }
-            if ktail > 0 {
-                step(
-                    tail[0].as_ptr(),
-                    tail[1].as_ptr(),
+                    a0.add(st * T * KB),
+                    a1.add(st * T * KB),
                     KB * 2,
                     KB * 2,
-                    b0.add(kfull * KB * T),
-                    b1.add(kfull * KB * T),
+                    b0.add(st * KB * T),
+                    b1.add(st * KB * T),
                 );
             }
             ctiles(c[tb].0.as_mut_ptr());
