@@ -179,6 +179,8 @@ pub(crate) struct Table {
     pub matmul_bf16: Option<Bf16Mm>,
     /// Tokens per packed X group of the outer-product matmul (0: the tier has none).
     pub op_width: usize,
+    /// Weight rows per outer-product tile.
+    pub op_rows: usize,
     /// Panels `p0..p1` of a matmul with pre-packed weights ([`PackedWeights`]).
     pub matmul_pw: fn(&PwJob<'_>, usize, usize),
     /// Rows per packed weight panel (one tile's worth of output columns).
@@ -265,6 +267,7 @@ static SCALAR: Table = Table {
     matmul: scalar_matmul_rows,
     matmul_bf16: None,
     op_width: 0,
+    op_rows: 1,
     matmul_pw: scalar_matmul_pw,
     pw_panel: 1,
     rmsnorm: scalar::rmsnorm,
@@ -656,7 +659,11 @@ impl Kernels {
             // runs one-vector tiles); else dot tiles.
             if tw > 0 && 2 * n >= self.isa.lanes() && k > 0 {
                 let mut go = |xp: &mut Vec<f32>| {
-                    xp.resize(n.div_ceil(tw) * k * tw, 0.0);
+                    let len = n.div_ceil(tw) * k * tw;
+                    xp.resize(len + 16, 0.0);
+                    // Panels start on a cache line: their vector loads never split one.
+                    let off = xp.as_ptr().align_offset(64).min(16);
+                    let xp = &mut xp[off..off + len];
                     simd::pack_x(x, n, k, tw, xp);
                     let job = MatmulJob {
                         w,
@@ -668,7 +675,7 @@ impl Kernels {
                         m,
                         y: y.as_mut_ptr(),
                     };
-                    self.run_matmul(self.t.matmul, &job);
+                    self.run_matmul(self.t.matmul, &job, self.t.op_rows);
                 };
                 // A nested call on this thread (from a parallel section) gets its own buffer.
                 return XP.with(|c| match c.try_borrow_mut() {
@@ -686,7 +693,7 @@ impl Kernels {
                 m,
                 y: y.as_mut_ptr(),
             };
-            return self.run_matmul(self.t.matmul, &job);
+            return self.run_matmul(self.t.matmul, &job, 48);
         };
         let mut go = |xb: &mut Vec<u16>| {
             xb.resize(n * k, 0);
@@ -701,7 +708,7 @@ impl Kernels {
                 m,
                 y: y.as_mut_ptr(),
             };
-            self.run_matmul(bf.mm, &job);
+            self.run_matmul(bf.mm, &job, 48);
         };
         // A nested call on this thread (from inside a parallel section) gets its own buffer.
         XB.with(|c| match c.try_borrow_mut() {
@@ -804,7 +811,7 @@ impl Kernels {
                 m,
                 y: y.as_mut_ptr(),
             };
-            self.run_matmul(rows, &job);
+            self.run_matmul(rows, &job, 48);
         };
         // A nested call on this thread (from inside a parallel section) gets its own buffer.
         XB.with(|c| match c.try_borrow_mut() {
@@ -814,14 +821,16 @@ impl Kernels {
     }
 
     /// Split Y's columns (W's rows) over the pool: each W row is read by one thread only.
-    fn run_matmul(&self, f: fn(&MatmulJob<'_>, usize, usize), job: &MatmulJob<'_>) {
+    /// Chunks are multiples of `align` rows (whole tiles), about four per thread.
+    fn run_matmul(&self, f: fn(&MatmulJob<'_>, usize, usize), job: &MatmulJob<'_>, align: usize) {
         let (n, k, m) = (job.n, job.k, job.m);
         let threads = rayon::current_num_threads();
         if threads <= 1 || n * k * m < PAR_MIN || m < 32 {
             return f(job, 0, m);
         }
-        // Multiples of 48 rows: whole 16-row and 12-row (AVX-512 outer-product) tiles.
-        let chunk = m.div_ceil(threads * 4).next_multiple_of(48);
+        // Small multiples keep the chunks near equal (2048 rows in 6-row tiles: 7 × 258 + 242, not 7 × 288 + 32),
+        // so no thread waits long for the other at the end.
+        let chunk = m.div_ceil(threads * 4).next_multiple_of(align.max(1));
         (0..m.div_ceil(chunk))
             .into_par_iter()
             .for_each(|c| f(job, c * chunk, ((c + 1) * chunk).min(m)));

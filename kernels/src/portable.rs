@@ -89,4 +89,4 @@ impl Simd for Portable {
     }
 }
 
-crate::simd::tier_table!(TABLE, Portable, inline, 2, 2, 4, 1, None, None);
+crate::simd::tier_table!(TABLE, Portable, inline, 2, 2, 4, 1, 4, 1, None, None);

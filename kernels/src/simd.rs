@@ -103,6 +103,23 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Hint the CPU to fetch the cache line holding `p` into L2 (a no-op elsewhere). Never faults.
+#[inline(always)]
+fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint; SSE is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` is a hint and does not fault.
+    unsafe {
+        core::arch::asm!("prfm pldl2keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
 /// Largest lane count of any tier (AVX-512: 16).
 const MAXN: usize = 16;
 
@@ -514,9 +531,10 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     // Partial sums live in registers within a k-block and go straight to Y after the last
     // one; only products longer than one k-block park them in the Yᵀ scratch in between.
     let multi = k > kcb;
-    // f32 weights are read in place unless rows 4 KiB apart would crowd MR rows into one
-    // or two L1 sets (k a multiple of 1024); then they are copied at a padded stride.
-    let direct = E::IS_F32 && !k.is_multiple_of(1024);
+    // f32 weights are read in place (prefetched into L2 a block ahead, below): copying them
+    // cost more than the L1 set conflicts of rows 4 KiB apart (k a multiple of 1024), which
+    // MR ≤ 8 rows do not exhaust.
+    let direct = E::IS_F32;
     // Copied rows are whole (k + PAD floats): one sequential pass over each weight row per
     // block keeps the hardware prefetcher streaming, unlike k-block pieces of rows.
     let ws = k + PAD;
@@ -547,6 +565,16 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
         for i in rows..rpad {
             std::ptr::write_bytes(wp.add((i - full) * ws), 0, k);
         }
+        // While this block computes, prefetch the next one (past r1 too: the pool hands the
+        // next rows to this thread more often than not) into L2, spread over all its tiles:
+        // otherwise widening it waits on DRAM with the FMA units idle.
+        let next = rb + rows;
+        let next_rows = mcb.min(m - next);
+        let pf_lines = (next_rows * k * std::mem::size_of::<E>()).div_ceil(64);
+        let tiles = k.div_ceil(kcb) * ng * (rpad / MR);
+        let pf_per = pf_lines.div_ceil(tiles.max(1));
+        let mut pf = w.as_ptr().wrapping_add(next * k) as *const u8;
+        let pf_end = pf.wrapping_add(pf_lines * 64);
         let mut kb = 0;
         while kb < k {
             let kc = kcb.min(k - kb);
@@ -572,13 +600,21 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
                     } else {
                         (wp.add((rt - full) * ws + kb) as *const f32, ws)
                     };
-                    // A last group of at most one vector of tokens runs a one-vector tile
-                    // rather than wasting the other NV-1 vectors on padding.
-                    if live <= S::N {
-                        op_tile::<S, MR, 1>(s, wt, st, kc, xg, tw, &d);
-                    } else {
-                        op_tile::<S, MR, NV>(s, wt, st, kc, xg, tw, &d);
+                    // A last group of fewer tokens runs a tile of just enough vectors
+                    // rather than wasting FMAs on padding.
+                    let npf = pf_per.min((pf_end as usize - pf as usize) / 64);
+                    macro_rules! go {
+                        ($($c:literal)*) => {
+                            match live.div_ceil(S::N) {
+                                $($c if $c < NV => {
+                                    op_tile::<S, MR, $c>(s, wt, st, kc, xg, tw, &d, pf, npf)
+                                })*
+                                _ => op_tile::<S, MR, NV>(s, wt, st, kc, xg, tw, &d, pf, npf),
+                            }
+                        };
                     }
+                    go!(1 2 3);
+                    pf = pf.wrapping_add(npf * 64);
                     rt += MR;
                 }
             }
@@ -589,7 +625,7 @@ unsafe fn op<S: Simd, E: Elem, const MR: usize, const NV: usize>(
 }
 
 /// Largest k-block of the outer-product matmul (its X panel: KC_OP × NV·N floats).
-const KC_OP: usize = 128;
+const KC_OP: usize = 64;
 
 /// Where an outer-product tile's sums go: the Yᵀ scratch between k-blocks (`yt`, row stride
 /// `ytw`), Y itself (`y`, row stride `m`; `rows` weight rows × `toks` tokens live) after the
@@ -617,6 +653,8 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
     xg: *const f32,
     tw: usize,
     d: &Dest,
+    pf: *const u8,
+    npf: usize,
 ) {
     let n = S::N;
     let mut acc = [[s.splat(0.0); NV]; MR];
@@ -633,6 +671,10 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
         wr[r] = wp.add(r * ws);
     }
     for kk in 0..kc {
+        // One L2 prefetch (of the next block's weights) every 4 steps, the rest after.
+        if kk % 4 == 0 && kk / 4 < npf {
+            prefetch_l2(pf.wrapping_add(kk / 4 * 64));
+        }
         let mut xv = [s.splat(0.0); NV];
         for v in 0..NV {
             xv[v] = s.load(xg.add(kk * tw + v * n));
@@ -643,6 +685,9 @@ unsafe fn op_tile<S: Simd, const MR: usize, const NV: usize>(
                 acc[r][v] = s.fma(b, xv[v], acc[r][v]);
             }
         }
+    }
+    for i in kc.div_ceil(4)..npf {
+        prefetch_l2(pf.wrapping_add(i * 64));
     }
     if !d.last {
         for r in 0..MR {
@@ -1195,9 +1240,10 @@ pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
 /// `$S` the tier's [`Simd`] token (a unit struct); `$rt`/`$tt` the dot-product matmul tile
-/// (weight rows × tokens); `$mr`/`$nv` the outer-product tile (weight rows × token vectors).
+/// (weight rows × tokens); `$mr`/`$nv` the outer-product tile (weight rows × token vectors);
+/// `$pt`/`$pnv` the pre-packed-weights tile (tokens × vectors of output columns).
 macro_rules! tier_table {
-    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $bf16mm:expr, $bf16burn:expr) => {
+    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by
@@ -1224,7 +1270,7 @@ macro_rules! tier_table {
         }
         #[$attr]
         unsafe fn matmul_pw_(j: &g::PwJob<'_>, p0: usize, p1: usize) {
-            g::matmul_pw::<_, $mr, $nv>($S, j, p0, p1)
+            g::matmul_pw::<_, $pt, $pnv>($S, j, p0, p1)
         }
         #[$attr]
         unsafe fn rmsnorm_(x: &[f32], w: &[f32], e: f32, o: &mut [f32]) {
@@ -1286,8 +1332,9 @@ macro_rules! tier_table {
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,
             op_width: $nv * <$S as g::Simd>::N,
+            op_rows: $mr,
             matmul_pw: |j, a, b| unsafe { matmul_pw_(j, a, b) },
-            pw_panel: $nv * <$S as g::Simd>::N,
+            pw_panel: $pnv * <$S as g::Simd>::N,
             rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
             layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
             softmax: |x| unsafe { softmax_(x) },

@@ -290,6 +290,11 @@ fn matmul_awkward_shapes() {
         (9, 13, 20),
         (40, 61, 1100),
         (47, 25, 513),
+        // AVX-512's 64-token groups: last groups of two and three vectors, and f32 rows a
+        // multiple of 4 KiB apart (read in place).
+        (97, 50, 300),
+        (33, 12, 130),
+        (80, 14, 2048),
     ] {
         check_matmul(&mut rng, n, m, k);
     }

@@ -110,6 +110,8 @@ crate::simd::tier_table!(
     4,
     8,
     2,
+    8,
+    2,
     None,
     None
 );

@@ -99,6 +99,8 @@ crate::simd::tier_table!(
     2,
     6,
     2,
+    6,
+    2,
     None,
     None
 );

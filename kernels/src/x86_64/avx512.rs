@@ -104,6 +104,8 @@ mod plain {
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
         2,
         12,
+        6,
+        4,
         12,
         2,
         None,
@@ -119,6 +121,8 @@ mod with_bf16 {
         target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
         2,
         12,
+        6,
+        4,
         12,
         2,
         Some(crate::Bf16Mm {
