@@ -42,7 +42,7 @@ fn main() {
         rayon::current_num_threads()
     );
     let t0 = Instant::now();
-    let _ = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"));
+    let _ = spinfer::tokenizer::from_file(&dir.join("tokenizer.json"));
     let tok = t0.elapsed();
     println!(
         "load: {:.1} ms (of which tokenizer.json alone takes about {:.1} ms)",

@@ -7,6 +7,7 @@ pub mod bert;
 pub mod engine;
 pub mod llama;
 pub mod sampler;
+pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{Component, Engine};

@@ -286,7 +286,7 @@ fn load_tokenizer(path: &PathBuf, window: usize, vocab_size: usize) -> Result<To
             path.display()
         )));
     }
-    let mut tok = Tokenizer::from_file(path)
+    let mut tok = crate::tokenizer::from_file(path)
         .map_err(|e| Error::runtime(format!("cannot load tokenizer {}: {e}", path.display())))?;
     tok.with_padding(None);
     tok.with_truncation(Some(TruncationParams {

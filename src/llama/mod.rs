@@ -47,7 +47,7 @@ impl LlamaModel {
     pub fn load(dir: &Path) -> Result<LlamaModel> {
         let cfg = LlamaConfig::load(dir)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)
+        let tokenizer = crate::tokenizer::from_file(&tok_path)
             .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
         let weights = ModelWeights::load(dir, &cfg)?;
         let kernels = spinfer_kernels::try_kernels().map_err(|e| Error::runtime(e.to_string()))?;
