@@ -23,7 +23,7 @@ use crate::weights::{TensorRef, WeightStore};
 use crate::{Error, Result};
 use spinfer_kernels::{PackedWeights, Weights};
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
@@ -279,7 +279,7 @@ impl Names {
 
 /// The tokenizer with its file's own truncation/padding replaced by ours: no padding (we never
 /// pad), truncation to `window` tokens including the special ones.
-fn load_tokenizer(path: &PathBuf, window: usize, vocab_size: usize) -> Result<Tokenizer> {
+fn load_tokenizer(path: &Path, window: usize, vocab_size: usize) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(Error::runtime(format!(
             "tokenizer file {} not found",
