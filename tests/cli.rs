@@ -215,52 +215,29 @@ fn the_registry_defaults_to_dot_spin_ai_models_under_the_current_directory() {
 fn bad_names_and_parameters_are_invalid_input() {
     let reg = registry();
     let reg = reg.to_str().unwrap();
-    let o = spinfer(&[
-        "infer",
-        "--registry",
-        reg,
-        "--model",
-        "../llama/tiny-llama",
-        "hi",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).starts_with("error: invalid-input: model name \"../llama/tiny-llama\""),
-        "{}",
-        stderr(&o)
-    );
-    let o = spinfer(&[
-        "infer",
-        "--registry",
-        reg,
-        "--model",
-        "tiny-llama",
-        "--top-p",
-        "-1",
-        "hi",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).starts_with("error: invalid-input: top_p -1 "),
-        "{}",
-        stderr(&o)
-    );
-    let o = spinfer(&[
-        "infer",
-        "--registry",
-        reg,
-        "--model",
-        "tiny-llama",
-        "--repeat-penalty",
-        "0",
-        "hi",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).starts_with("error: invalid-input: repeat_penalty 0 "),
-        "{}",
-        stderr(&o)
-    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--model", "../llama/tiny-llama"],
+            "model name \"../llama/tiny-llama\"",
+        ),
+        (&["--model", "tiny-llama", "--top-p", "-1"], "top_p -1 "),
+        (
+            &["--model", "tiny-llama", "--repeat-penalty", "0"],
+            "repeat_penalty 0 ",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut argv = vec!["infer", "--registry", reg];
+        argv.extend_from_slice(args);
+        argv.push("hi");
+        let o = spinfer(&argv);
+        assert_eq!(o.status.code(), Some(1), "{argv:?}");
+        assert!(
+            stderr(&o).starts_with(&format!("error: invalid-input: {want}")),
+            "{argv:?}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 // ---------------------------------------------------------------- generation

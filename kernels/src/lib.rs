@@ -169,9 +169,7 @@ impl std::error::Error for IsaError {}
 #[allow(clippy::type_complexity)]
 pub(crate) struct Table {
     pub dot: fn(Weights<'_>, &[f32]) -> f32,
-    /// y = W x for the rows W holds.
-    pub matvec: fn(Weights<'_>, &[f32], &mut [f32]),
-    /// y = W x with W's rows the given number of elements apart.
+    /// y = W x with W's rows the given number of elements apart (`x.len()` when packed).
     pub matvec_ld: fn(Weights<'_>, usize, &[f32], &mut [f32]),
     /// Columns r0..r1 of the job's Y, exact f32 accumulation.
     pub matmul: fn(&MatmulJob<'_>, usize, usize),
@@ -258,7 +256,6 @@ fn scalar_burn(iters: usize) -> f32 {
 
 static SCALAR: Table = Table {
     dot: scalar::dot,
-    matvec: scalar::matvec,
     matvec_ld: |w, ld, x, y| {
         for (r, yr) in y.iter_mut().enumerate() {
             *yr = scalar::dot(w.slice(r * ld, r * ld + x.len()), x);
@@ -406,6 +403,69 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+/// Matrix-vector products sharing `x`, cut into ~256 KiB blocks of whole 8-row tiles (long
+/// enough for matvec's eight streams to run a while), numbered across the matrices; a block
+/// never straddles two of them. Threads (rayon's or a team's) then take blocks in turn.
+pub(crate) struct MatvecBlocks<'a> {
+    parts: [(Weights<'a>, SyncPtr, usize); 4], // (W, y, rows)
+    first: [usize; 4],                         // first block of each matrix
+    n: usize,
+    x: &'a [f32],
+    block: usize,
+    f: fn(Weights<'_>, usize, &[f32], &mut [f32]),
+    pub count: usize,
+}
+
+impl<'a> MatvecBlocks<'a> {
+    /// # Safety
+    /// Each `(w, y, rows)`: `y` valid for `rows` writes while the blocks run, by them only.
+    pub(crate) unsafe fn new(
+        k: &Kernels,
+        jobs: impl Iterator<Item = (Weights<'a>, *mut f32, usize)>,
+        x: &'a [f32],
+    ) -> MatvecBlocks<'a> {
+        let cols = x.len();
+        let mut mb = MatvecBlocks {
+            parts: [(Weights::F32(&[]), SyncPtr(std::ptr::null_mut()), 0); 4],
+            first: [0; 4],
+            n: 0,
+            x,
+            block: 8,
+            f: k.t.matvec_ld,
+            count: 0,
+        };
+        for (w, y, rows) in jobs {
+            assert!(mb.n < 4, "matvecs: at most four matrices");
+            assert_eq!(w.len(), cols * rows, "matvec: weights are not (rows, cols)");
+            if mb.n == 0 {
+                mb.block = ((256 << 10) / (cols * w.elem_size()).max(1))
+                    .next_multiple_of(8)
+                    .max(8);
+            }
+            mb.parts[mb.n] = (w, SyncPtr(y), rows);
+            mb.first[mb.n] = mb.count;
+            mb.count += rows.div_ceil(mb.block);
+            mb.n += 1;
+        }
+        mb
+    }
+
+    /// Compute block `b`.
+    ///
+    /// # Safety
+    /// No other call with the same `b` runs at the same time.
+    pub(crate) unsafe fn run(&self, b: usize) {
+        let i = (0..self.n).rev().find(|&i| self.first[i] <= b).unwrap();
+        let (w, y, rows) = self.parts[i];
+        let cols = self.x.len();
+        let r0 = (b - self.first[i]) * self.block;
+        let r1 = (r0 + self.block).min(rows);
+        // SAFETY: block b alone writes rows r0..r1 of this y (see `new`).
+        let yb = std::slice::from_raw_parts_mut(y.0.add(r0), r1 - r0);
+        (self.f)(w.slice(r0 * cols, r1 * cols), cols, self.x, yb)
+    }
+}
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN: usize = 1 << 16;
 
@@ -541,18 +601,8 @@ impl Kernels {
         self.matvecs(&mut [(w, y)], x)
     }
 
-    /// y = W x on the calling thread only (inside a [`team`], say).
-    pub fn matvec_here(&self, w: Weights<'_>, x: &[f32], y: &mut [f32]) {
-        assert_eq!(
-            w.len(),
-            x.len() * y.len(),
-            "matvec: weights are not (rows, cols)"
-        );
-        (self.t.matvec)(w, x, y)
-    }
-
-    /// y = W x on the calling thread, W's rows `ld` elements apart (a column block of a
-    /// wider matrix, say).
+    /// y = W x on the calling thread only (inside a [`team`], say), W's rows `ld` elements
+    /// apart: `x.len()` for a packed matrix, more for a column block of a wider one.
     pub fn matvec_strided(&self, w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
         assert!(ld >= x.len(), "matvec_strided: rows overlap");
         assert!(
@@ -566,47 +616,24 @@ impl Kernels {
     /// parallel pass over all their rows: one fork/join instead of several, and threads take
     /// ~256 KiB blocks of rows in turn so at the end neither waits long for the other.
     pub fn matvecs(&self, jobs: &mut [(Weights<'_>, &mut [f32])], x: &[f32]) {
-        assert!(jobs.len() <= 4, "matvecs: at most four matrices");
-        let cols = x.len();
-        let mut total = 0;
-        for (w, y) in jobs.iter() {
-            assert_eq!(
-                w.len(),
-                cols * y.len(),
-                "matvec: weights are not (rows, cols)"
-            );
-            total += w.len();
+        let total: usize = jobs.iter().map(|j| j.0.len()).sum();
+        // SAFETY: each output is a live `&mut` slice of its length, used by nobody else here.
+        let mb = unsafe {
+            MatvecBlocks::new(
+                self,
+                jobs.iter_mut().map(|(w, y)| (*w, y.as_mut_ptr(), y.len())),
+                x,
+            )
+        };
+        if rayon::current_num_threads() <= 1 || total < PAR_MIN {
+            // SAFETY: one block at a time.
+            (0..mb.count).for_each(|b| unsafe { mb.run(b) });
+        } else {
+            // SAFETY: rayon runs each block once.
+            (0..mb.count)
+                .into_par_iter()
+                .for_each(|b| unsafe { mb.run(b) });
         }
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || total < PAR_MIN {
-            for (w, y) in jobs.iter_mut() {
-                (self.t.matvec)(*w, x, y);
-            }
-            return;
-        }
-        // ~256 KiB blocks of whole 8-row tiles, long enough for matvec's eight streams to run
-        // a while; a block never straddles two matrices.
-        let elem = jobs[0].0.elem_size();
-        let block = ((256 << 10) / (cols * elem).max(1))
-            .next_multiple_of(8)
-            .max(8);
-        let mut parts = [(jobs[0].0, SyncPtr(std::ptr::null_mut()), 0usize, 0usize); 4];
-        let mut blocks = 0;
-        for (i, (w, y)) in jobs.iter_mut().enumerate() {
-            parts[i] = (*w, SyncPtr(y.as_mut_ptr()), y.len(), blocks);
-            blocks += y.len().div_ceil(block);
-        }
-        let parts = &parts[..jobs.len()];
-        let f = self.t.matvec;
-        (0..blocks).into_par_iter().for_each(|b| {
-            let &(w, ref y, rows, first) = parts.iter().rev().find(|p| p.3 <= b).unwrap();
-            let r0 = (b - first) * block;
-            let r1 = (r0 + block).min(rows);
-            // SAFETY: block b owns rows r0..r1 of this y, which no other block touches, and
-            // the `&mut` it came from outlives the parallel loop.
-            let yb = unsafe { std::slice::from_raw_parts_mut(y.0.add(r0), r1 - r0) };
-            f(w.slice(r0 * cols, r1 * cols), x, yb)
-        });
     }
 
     /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses

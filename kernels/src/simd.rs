@@ -1253,10 +1253,6 @@ macro_rules! tier_table {
             g::dot($S, w, x)
         }
         #[$attr]
-        unsafe fn matvec_(w: Weights<'_>, x: &[f32], y: &mut [f32]) {
-            g::matvec($S, w, x, y)
-        }
-        #[$attr]
         unsafe fn matvec_ld_(w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
             g::matvec_ld($S, w, ld, x, y)
         }
@@ -1327,7 +1323,6 @@ macro_rules! tier_table {
 
         pub(crate) static $name: crate::Table = crate::Table {
             dot: |w, x| unsafe { dot_(w, x) },
-            matvec: |w, x, y| unsafe { matvec_(w, x, y) },
             matvec_ld: |w, ld, x, y| unsafe { matvec_ld_(w, ld, x, y) },
             matmul: |j, a, b| unsafe { matmul_(j, a, b) },
             matmul_bf16: $bf16mm,

@@ -3,7 +3,7 @@
 //! per layer): between rayon calls the workers go to sleep and each wake-up costs microseconds
 //! in which the memory bus idles.
 
-use crate::{Kernels, Weights};
+use crate::{Kernels, MatvecBlocks, Weights};
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -134,32 +134,10 @@ impl Team<'_> {
     /// y_i = W_i x for up to four matrices sharing `x`, the rows shared out in ~256 KiB
     /// blocks (see [`Kernels::matvecs`]); ends with a barrier.
     pub fn matvecs(&self, k: &Kernels, jobs: &[(Weights<'_>, Shared<'_>)], x: &[f32]) {
-        assert!(!jobs.is_empty() && jobs.len() <= 4);
-        let cols = x.len();
-        let elem = jobs[0].0.elem_size();
-        let block = ((256 << 10) / (cols * elem).max(1))
-            .next_multiple_of(8)
-            .max(8);
-        let mut first = [0usize; 4];
-        let mut blocks = 0;
-        for (i, (w, y)) in jobs.iter().enumerate() {
-            assert_eq!(
-                w.len(),
-                cols * y.len(),
-                "matvec: weights are not (rows, cols)"
-            );
-            first[i] = blocks;
-            blocks += y.len().div_ceil(block);
-        }
-        self.share(blocks, |b| {
-            let i = (0..jobs.len()).rev().find(|&i| first[i] <= b).unwrap();
-            let (w, y) = &jobs[i];
-            let r0 = (b - first[i]) * block;
-            let r1 = (r0 + block).min(y.len());
-            // SAFETY: block b is the only writer of rows r0..r1 of this output in this phase.
-            let yb = unsafe { y.slice(r0..r1) };
-            (k.t.matvec)(w.slice(r0 * cols, r1 * cols), x, yb)
-        });
+        // SAFETY: between barriers the team writes these outputs only through the blocks.
+        let mb = unsafe { MatvecBlocks::new(k, jobs.iter().map(|(w, y)| (*w, y.ptr, y.len)), x) };
+        // SAFETY: `share` hands each block to one thread.
+        self.share(mb.count, |b| unsafe { mb.run(b) });
     }
 }
 

@@ -324,7 +324,7 @@ impl Forward<'_> {
                         let qh = q.slice(head * hd..(head + 1) * hd);
                         k.rope(qh, hd, cos, sin);
                         let sc = scores.slice(head * row..head * row + len);
-                        k.matvec_here(Weights::F32(&keys[..len * hd]), qh, sc);
+                        k.matvec_strided(Weights::F32(&keys[..len * hd]), hd, qh, sc);
                         k.scale(sc, scale);
                         k.softmax(sc);
                         let out = att.slice(head * hd..(head + 1) * hd);
