@@ -56,7 +56,7 @@ fn matvec(c: &mut Criterion) {
     for (rows, cols) in [(2048, 2048), (5632, 2048), (32000, 2048)] {
         for (name, w) in mats.get(rows, cols) {
             let mut y = vec![0f32; rows];
-            g.throughput(Throughput::Bytes((rows * cols * w.elem_size()) as u64));
+            g.throughput(Throughput::Bytes(w.bytes() as u64));
             g.bench_function(BenchmarkId::new(name, format!("{rows}x{cols}")), |b| {
                 b.iter(|| k.matvec(black_box(w), black_box(&x), &mut y))
             });

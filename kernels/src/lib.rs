@@ -11,8 +11,12 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 pub use half::{bf16, f16};
+pub use quant::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, Format,
+};
 
 pub mod probe;
+pub mod quant;
 pub mod scalar;
 pub mod team;
 
@@ -31,43 +35,141 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::fmt;
 use std::sync::OnceLock;
 
-/// A row-major block of weights borrowed from (memory-mapped) storage, in its stored dtype.
+/// A row-major matrix of weights borrowed from (memory-mapped) storage, as stored: a slice of
+/// blocks of its [`Format`] (float formats are blocks of one value). Lengths and offsets
+/// (`len`, `slice`, `row`) count values; slices must start and end on block boundaries.
 #[derive(Clone, Copy, Debug)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q4_0(&'a [BlockQ4_0]),
+    Q4_1(&'a [BlockQ4_1]),
+    Q5_0(&'a [BlockQ5_0]),
+    Q5_1(&'a [BlockQ5_1]),
+    Q4K(&'a [BlockQ4K]),
+    Q5K(&'a [BlockQ5K]),
+    Q6K(&'a [BlockQ6K]),
+}
+
+/// `$body` with `$s` bound to the typed block slice of any variant of `$w`.
+macro_rules! with_blocks {
+    ($w:expr, $s:ident => $body:expr) => {
+        match $w {
+            Weights::F32($s) => $body,
+            Weights::F16($s) => $body,
+            Weights::Bf16($s) => $body,
+            Weights::Q8_0($s) => $body,
+            Weights::Q4_0($s) => $body,
+            Weights::Q4_1($s) => $body,
+            Weights::Q5_0($s) => $body,
+            Weights::Q5_1($s) => $body,
+            Weights::Q4K($s) => $body,
+            Weights::Q5K($s) => $body,
+            Weights::Q6K($s) => $body,
+        }
+    };
+}
+
+/// The same variant of `Weights` over `$s` (a sub-slice of the matched one).
+macro_rules! map_blocks {
+    ($w:expr, $s:ident => $body:expr) => {
+        match $w {
+            Weights::F32($s) => Weights::F32($body),
+            Weights::F16($s) => Weights::F16($body),
+            Weights::Bf16($s) => Weights::Bf16($body),
+            Weights::Q8_0($s) => Weights::Q8_0($body),
+            Weights::Q4_0($s) => Weights::Q4_0($body),
+            Weights::Q4_1($s) => Weights::Q4_1($body),
+            Weights::Q5_0($s) => Weights::Q5_0($body),
+            Weights::Q5_1($s) => Weights::Q5_1($body),
+            Weights::Q4K($s) => Weights::Q4K($body),
+            Weights::Q5K($s) => Weights::Q5K($body),
+            Weights::Q6K($s) => Weights::Q6K($body),
+        }
+    };
 }
 
 impl<'a> Weights<'a> {
-    pub fn len(&self) -> usize {
+    pub fn format(&self) -> Format {
         match self {
-            Weights::F32(s) => s.len(),
-            Weights::F16(s) => s.len(),
-            Weights::Bf16(s) => s.len(),
+            Weights::F32(_) => Format::F32,
+            Weights::F16(_) => Format::F16,
+            Weights::Bf16(_) => Format::Bf16,
+            Weights::Q8_0(_) => Format::Q8_0,
+            Weights::Q4_0(_) => Format::Q4_0,
+            Weights::Q4_1(_) => Format::Q4_1,
+            Weights::Q5_0(_) => Format::Q5_0,
+            Weights::Q5_1(_) => Format::Q5_1,
+            Weights::Q4K(_) => Format::Q4K,
+            Weights::Q5K(_) => Format::Q5K,
+            Weights::Q6K(_) => Format::Q6K,
         }
+    }
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        with_blocks!(self, s => s.len())
+    }
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.blocks() * self.format().block_len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.blocks() == 0
     }
-    /// Elements `start..end`, same dtype.
-    pub fn slice(&self, start: usize, end: usize) -> Weights<'a> {
-        match *self {
-            Weights::F32(s) => Weights::F32(&s[start..end]),
-            Weights::F16(s) => Weights::F16(&s[start..end]),
-            Weights::Bf16(s) => Weights::Bf16(&s[start..end]),
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.blocks() * self.format().block_bytes()
+    }
+    /// `bytes` read in place as blocks of `format`, or `None` when the length is not a whole
+    /// number of blocks or the start is not aligned for them. Blocks are plain old data (any
+    /// bit pattern is a valid value), stored little-endian as on every target we build for.
+    pub fn from_bytes(format: Format, bytes: &'a [u8]) -> Option<Weights<'a>> {
+        let (n, rem) = (
+            bytes.len() / format.block_bytes(),
+            bytes.len() % format.block_bytes(),
+        );
+        if rem != 0 || !(bytes.as_ptr() as usize).is_multiple_of(format.align()) {
+            return None;
         }
+        let p = bytes.as_ptr();
+        // SAFETY: `n` whole blocks lie in `bytes` (checked), its start is aligned for the block
+        // type (checked; `quant` asserts no block needs more than `Format::align`), every block
+        // type is `repr(C)` of integers and f16/bf16/f32 that accept any bits, and the borrow
+        // keeps the lifetime of `bytes`.
+        unsafe {
+            use std::slice::from_raw_parts as raw;
+            Some(match format {
+                Format::F32 => Weights::F32(raw(p.cast(), n)),
+                Format::F16 => Weights::F16(raw(p.cast(), n)),
+                Format::Bf16 => Weights::Bf16(raw(p.cast(), n)),
+                Format::Q8_0 => Weights::Q8_0(raw(p.cast(), n)),
+                Format::Q4_0 => Weights::Q4_0(raw(p.cast(), n)),
+                Format::Q4_1 => Weights::Q4_1(raw(p.cast(), n)),
+                Format::Q5_0 => Weights::Q5_0(raw(p.cast(), n)),
+                Format::Q5_1 => Weights::Q5_1(raw(p.cast(), n)),
+                Format::Q4K => Weights::Q4K(raw(p.cast(), n)),
+                Format::Q5K => Weights::Q5K(raw(p.cast(), n)),
+                Format::Q6K => Weights::Q6K(raw(p.cast(), n)),
+            })
+        }
+    }
+    /// Values `start..end`, same format; both must lie on block boundaries.
+    pub fn slice(&self, start: usize, end: usize) -> Weights<'a> {
+        let b = self.format().block_len();
+        assert!(
+            start.is_multiple_of(b) && end.is_multiple_of(b),
+            "Weights::slice: {start}..{end} splits a {}-value {} block",
+            b,
+            self.format().name()
+        );
+        let (s0, s1) = (start / b, end / b);
+        map_blocks!(*self, s => &s[s0..s1])
     }
     /// Row `r` of a matrix with `cols` columns.
     pub fn row(&self, r: usize, cols: usize) -> Weights<'a> {
         self.slice(r * cols, (r + 1) * cols)
-    }
-    /// Bytes per element.
-    pub fn elem_size(&self) -> usize {
-        match self {
-            Weights::F32(_) => 4,
-            _ => 2,
-        }
     }
 }
 
@@ -438,7 +540,7 @@ impl<'a> MatvecBlocks<'a> {
             assert!(mb.n < 4, "matvecs: at most four matrices");
             assert_eq!(w.len(), cols * rows, "matvec: weights are not (rows, cols)");
             if mb.n == 0 {
-                mb.block = ((256 << 10) / (cols * w.elem_size()).max(1))
+                mb.block = ((256 << 10) / (w.bytes() / rows.max(1)).max(1))
                     .next_multiple_of(8)
                     .max(8);
             }
@@ -752,6 +854,19 @@ impl Kernels {
             Weights::F32(w) => simd::pack_w(w, m, k, p),
             Weights::F16(w) => simd::pack_w(w, m, k, p),
             Weights::Bf16(w) => simd::pack_w(w, m, k, p),
+            // Blocks are widened once here; packing copies the weights anyway.
+            Weights::Q8_0(_)
+            | Weights::Q4_0(_)
+            | Weights::Q4_1(_)
+            | Weights::Q5_0(_)
+            | Weights::Q5_1(_)
+            | Weights::Q4K(_)
+            | Weights::Q5K(_)
+            | Weights::Q6K(_) => {
+                let mut f = vec![0f32; m * k];
+                scalar::to_f32(w, &mut f);
+                simd::pack_w(&f, m, k, p)
+            }
         };
         PackedWeights {
             isa: self.isa,

@@ -10,6 +10,7 @@ pub fn weight_at(w: Weights<'_>, i: usize) -> f32 {
         Weights::F32(s) => s[i],
         Weights::F16(s) => s[i].to_f32(),
         Weights::Bf16(s) => s[i].to_f32(),
+        _ => crate::quant::scalar::value_at(w, i),
     }
 }
 

@@ -244,6 +244,17 @@ pub(crate) unsafe fn matvec_ld<S: Simd>(s: S, w: Weights<'_>, ld: usize, x: &[f3
         Weights::F32(w) => matvec_e(s, w, ld, x, y),
         Weights::F16(w) => matvec_e(s, w, ld, x, y),
         Weights::Bf16(w) => matvec_e(s, w, ld, x, y),
+        Weights::Q8_0(_)
+        | Weights::Q4_0(_)
+        | Weights::Q4_1(_)
+        | Weights::Q5_0(_)
+        | Weights::Q5_1(_)
+        | Weights::Q4K(_)
+        | Weights::Q5K(_)
+        | Weights::Q6K(_) => unreachable!(
+            "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
+            w.format().name()
+        ),
     }
 }
 
@@ -385,6 +396,17 @@ pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
         Weights::F32(w) => matmul_packed::<S, f32, RT, TT>(s, job, w, r0, r1),
         Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
         Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
+        Weights::Q8_0(_)
+        | Weights::Q4_0(_)
+        | Weights::Q4_1(_)
+        | Weights::Q5_0(_)
+        | Weights::Q5_1(_)
+        | Weights::Q4K(_)
+        | Weights::Q5K(_)
+        | Weights::Q6K(_) => unreachable!(
+            "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
+            job.w.format().name()
+        ),
     }
 }
 
@@ -509,6 +531,17 @@ pub(crate) unsafe fn matmul_op<S: Simd, const MR: usize, const NV: usize>(
         Weights::F32(w) => op::<S, f32, MR, NV>(s, job, w, r0, r1),
         Weights::F16(w) => op::<S, f16, MR, NV>(s, job, w, r0, r1),
         Weights::Bf16(w) => op::<S, bf16, MR, NV>(s, job, w, r0, r1),
+        Weights::Q8_0(_)
+        | Weights::Q4_0(_)
+        | Weights::Q4_1(_)
+        | Weights::Q5_0(_)
+        | Weights::Q5_1(_)
+        | Weights::Q4K(_)
+        | Weights::Q5K(_)
+        | Weights::Q6K(_) => unreachable!(
+            "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
+            job.w.format().name()
+        ),
     }
 }
 
@@ -866,6 +899,17 @@ pub(crate) unsafe fn to_f32<S: Simd>(s: S, w: Weights<'_>, out: &mut [f32]) {
         Weights::F32(w) => out.copy_from_slice(w),
         Weights::F16(w) => widen(s, w, out),
         Weights::Bf16(w) => widen(s, w, out),
+        Weights::Q8_0(_)
+        | Weights::Q4_0(_)
+        | Weights::Q4_1(_)
+        | Weights::Q5_0(_)
+        | Weights::Q5_1(_)
+        | Weights::Q4K(_)
+        | Weights::Q5K(_)
+        | Weights::Q6K(_) => unreachable!(
+            "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
+            w.format().name()
+        ),
     }
 }
 

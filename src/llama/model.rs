@@ -95,7 +95,7 @@ impl ModelWeights {
 
     /// Weight bytes one decode step reads: every layer matrix, the lm_head and one embedding row.
     pub fn bytes_per_decode_step(&self, cfg: &LlamaConfig) -> usize {
-        let size = |r: TensorRef| self.w(r).len() * self.w(r).elem_size();
+        let size = |r: TensorRef| self.w(r).bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -107,7 +107,7 @@ impl ModelWeights {
                     + 2 * 4 * cfg.hidden_size
             })
             .sum();
-        let embed_row = self.w(self.embed).elem_size() * cfg.hidden_size;
+        let embed_row = self.w(self.embed).row(0, cfg.hidden_size).bytes();
         layers + size(self.lm_head) + embed_row + 4 * cfg.hidden_size
     }
 }

@@ -2,27 +2,13 @@
 //! shards an index names. Kernels read the mapped bytes directly.
 
 use crate::{Error, Result};
-use spinfer_kernels::{bf16, f16, Weights};
+use spinfer_kernels::Weights;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// The element types we compute with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::Bf16 => 2,
-        }
-    }
-}
+/// How a tensor's values are stored (float formats, or the quantized block formats of GGUF).
+pub use spinfer_kernels::Format as DType;
 
 /// Where one tensor lives.
 #[derive(Clone, Debug)]
@@ -186,12 +172,12 @@ impl WeightStore {
                     end: data_start + e,
                 };
                 // Kernels load whole elements; the mmap base is page-aligned, so check the offset.
-                if !entry.start.is_multiple_of(dtype.size()) {
+                if !entry.start.is_multiple_of(dtype.align()) {
                     return Err(Error::runtime(format!(
                         "{}: tensor {name:?} starts at byte {} which is not aligned to its {}-byte elements; re-save the file with a current safetensors",
                         path.display(),
                         entry.start,
-                        dtype.size()
+                        dtype.align()
                     )));
                 }
                 if let Some(prev) = entries.insert(name.clone(), entry) {
@@ -281,31 +267,10 @@ impl WeightStore {
     }
 
     fn view(&self, file: usize, dtype: DType, start: usize, end: usize) -> Weights<'_> {
-        // Bounds-checked slicing, and the alignment re-checked: a handle used with the wrong
-        // store panics here instead of reading outside a mapping.
+        // Bounds-checked slicing; a handle used with the wrong store panics here instead of
+        // reading outside a mapping. Length and alignment were checked at open.
         let bytes = &self.files[file].map[start..end];
-        assert_eq!(
-            bytes.as_ptr() as usize % dtype.size(),
-            0,
-            "misaligned tensor view"
-        );
-        let n = bytes.len() / dtype.size();
-        // SAFETY: `bytes` lies inside the mapping (slice above; validated by read_metadata), its
-        // start is aligned to the element size (asserted above, checked at open), f32/f16/bf16
-        // accept any bit pattern, and safetensors data is little-endian like every target we build for.
-        unsafe {
-            match dtype {
-                DType::F32 => {
-                    Weights::F32(std::slice::from_raw_parts(bytes.as_ptr() as *const f32, n))
-                }
-                DType::F16 => {
-                    Weights::F16(std::slice::from_raw_parts(bytes.as_ptr() as *const f16, n))
-                }
-                DType::Bf16 => {
-                    Weights::Bf16(std::slice::from_raw_parts(bytes.as_ptr() as *const bf16, n))
-                }
-            }
-        }
+        Weights::from_bytes(dtype, bytes).expect("tensor view checked at open")
     }
 
     /// The tensor `name`, checked to have exactly `shape`.
