@@ -2,6 +2,7 @@
 //! (decode, matrix-vector kernels) against a KV cache allocated once per state.
 
 use super::config::LlamaConfig;
+use super::kv_cache::{KvCache, KvHead};
 use super::model::ModelWeights;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -15,12 +16,8 @@ pub const MAX_BATCH: usize = 256;
 /// KV cache and activation scratch for one sequence. Everything is allocated in `new`.
 pub struct LlamaState {
     pos: usize,
-    capacity: usize,
     batch: usize,
-    // Per kv head, keys are rows and values columns, so that the scores of one query are a
-    // single matrix-vector product and each output element one dot product, both contiguous.
-    k_cache: Vec<f32>,   // (n_layers, kv_heads, capacity, head_dim), RoPE applied
-    v_cache: Vec<f32>,   // (n_layers, kv_heads, head_dim, capacity), transposed
+    kv: KvCache,
     x: Vec<f32>,         // (batch, hidden) residual stream
     xn: Vec<f32>,        // (batch, hidden) normed input / projection output
     q: Vec<f32>,         // (batch, n_heads*head_dim)
@@ -41,13 +38,15 @@ impl LlamaState {
         let capacity = capacity.min(cfg.max_position_embeddings);
         let batch = capacity.clamp(1, MAX_BATCH);
         let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        let cache = cfg.num_hidden_layers * capacity * kvd;
         LlamaState {
             pos: 0,
-            capacity,
             batch,
-            k_cache: vec![0.0; cache],
-            v_cache: vec![0.0; cache],
+            kv: KvCache::new(
+                cfg.num_hidden_layers,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                capacity,
+            ),
             x: vec![0.0; batch * h],
             xn: vec![0.0; batch * h],
             q: vec![0.0; batch * qd],
@@ -71,7 +70,7 @@ impl LlamaState {
 
     /// Most positions this state can hold (the requested capacity, capped at the context).
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.kv.capacity()
     }
 
     /// Forget the sequence; the buffers are kept.
@@ -88,6 +87,11 @@ impl LlamaState {
     /// Logits of the last token run (vocab).
     pub fn logits(&self) -> &[f32] {
         &self.logits
+    }
+
+    /// Most tokens one pass takes.
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
     }
 }
 
@@ -122,12 +126,12 @@ impl Forward<'_> {
                 self.cfg.max_position_embeddings
             )));
         }
-        if end > state.capacity {
+        if end > state.capacity() {
             return Err(Error::invalid(format!(
                 "{} tokens at position {} exceed the KV cache capacity of {} tokens",
                 tokens.len(),
                 state.pos,
-                state.capacity
+                state.capacity()
             )));
         }
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
@@ -139,112 +143,48 @@ impl Forward<'_> {
         Ok(())
     }
 
-    /// Run `tokens` (at most `state.batch`) at positions `state.pos..`; leaves the final
-    /// hidden states in `state.x` and writes the last token's logits; with `all_logits`, also
-    /// appends every token's logits there (tests).
-    pub fn chunk(&self, s: &mut LlamaState, tokens: &[u32], all_logits: Option<&mut Vec<f32>>) {
-        let cfg = self.cfg;
-        let k = self.k;
-        let n = tokens.len();
-        debug_assert!(n >= 1 && n <= s.batch && s.pos + n <= s.capacity);
-        let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let (inter, eps, p0, cap) = (cfg.intermediate_size, cfg.rms_norm_eps, s.pos, s.capacity);
-        let half = hd / 2;
-
-        // Embeddings, widened to f32.
-        let embed = self.w.w(self.w.embed);
-        for (t, &tok) in tokens.iter().enumerate() {
-            k.to_f32(embed.row(tok as usize, h), &mut s.x[t * h..(t + 1) * h]);
-        }
-        // RoPE angles for these positions: f32 (position * inv_freq) as transformers computes.
+    /// RoPE cos/sin of positions `p0..p0+n` into `cos`, `sin` (n, head_dim/2): the angle is
+    /// f32 (position * inv_freq), as transformers computes it, then cos/sin in f64.
+    fn rope_angles(&self, p0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
+        let half = self.inv_freq.len();
         for t in 0..n {
             let p = (p0 + t) as f32;
             for (i, &f) in self.inv_freq.iter().enumerate() {
                 let a = (p * f) as f64;
-                s.cos[t * half + i] = a.cos() as f32;
-                s.sin[t * half + i] = a.sin() as f32;
+                cos[t * half + i] = a.cos() as f32;
+                sin[t * half + i] = a.sin() as f32;
             }
         }
+    }
 
-        let x = &mut s.x[..n * h];
-        let xn = &mut s.xn[..n * h];
-        let q = &mut s.q[..n * qd];
-        let gate = &mut s.gate[..n * inter];
-        let up = &mut s.up[..n * inter];
-        for (l, lw) in self.w.layers.iter().enumerate() {
-            // Attention block.
-            for t in 0..n {
-                let r = t * h..(t + 1) * h;
-                k.rmsnorm(&x[r.clone()], &lw.attn_norm, eps, &mut xn[r]);
-            }
-            let (kn, vn) = (&mut s.k[..n * kvd], &mut s.v[..n * kvd]);
-            let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
-            if n == 1 {
-                k.matvecs(&mut [(wq, &mut *q), (wk, &mut *kn), (wv, &mut *vn)], xn);
-            } else {
-                k.matmul(wq, xn, n, q);
-                k.matmul(wk, xn, n, kn);
-                k.matmul(wv, xn, n, vn);
-            }
-            for t in 0..n {
-                let (c, sn) = (
-                    &s.cos[t * half..(t + 1) * half],
-                    &s.sin[t * half..(t + 1) * half],
-                );
-                k.rope(&mut q[t * qd..(t + 1) * qd], hd, c, sn);
-                k.rope(&mut kn[t * kvd..(t + 1) * kvd], hd, c, sn);
-            }
-            // Into this layer's cache: keys as rows, values as columns, per kv head.
-            let layer = l * kvd * cap;
-            let keys = &mut s.k_cache[layer..layer + kvd * cap]; // (kv_heads, cap, hd)
-            let values = &mut s.v_cache[layer..layer + kvd * cap]; // (kv_heads, hd, cap)
-            for t in 0..n {
-                for g in 0..cfg.num_key_value_heads {
-                    let src = t * kvd + g * hd;
-                    let dst = (g * cap + p0 + t) * hd;
-                    keys[dst..dst + hd].copy_from_slice(&kn[src..src + hd]);
-                    for d in 0..hd {
-                        values[(g * hd + d) * cap + p0 + t] = vn[src + d];
-                    }
-                }
-            }
-            self.attention(
-                q,
-                keys,
-                values,
-                p0,
-                n,
-                cap,
-                &mut s.att_heads[..n * qd],
-                &mut s.scores,
-            );
-            // (n_heads, n, hd) -> (n, n_heads*hd)
-            let att = &mut s.att[..n * qd];
-            for head in 0..cfg.num_attention_heads {
-                for t in 0..n {
-                    let src = (head * n + t) * hd;
-                    att[t * qd + head * hd..t * qd + (head + 1) * hd]
-                        .copy_from_slice(&s.att_heads[src..src + hd]);
-                }
-            }
-            mm(k, self.w.w(lw.wo), att, n, xn);
-            k.add(x, xn);
+    /// One query head `q` (RoPE applied) over positions `0..len` of its kv head:
+    /// `out = V softmax(K q / sqrt(head_dim))`. Runs on the calling thread.
+    fn attend(&self, kv: KvHead<'_>, q: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
+        let k = self.k;
+        let hd = self.cfg.head_dim;
+        let s = &mut scores[..len];
+        k.matvec_strided(Weights::F32(kv.keys(len)), hd, q, s);
+        k.scale(s, (hd as f64).powf(-0.5) as f32);
+        k.softmax(s);
+        let (values, stride) = kv.values(len);
+        k.matvec_strided(Weights::F32(values), stride, s, out);
+    }
 
-            // SwiGLU feed-forward block.
-            for t in 0..n {
-                let r = t * h..(t + 1) * h;
-                k.rmsnorm(&x[r.clone()], &lw.ffn_norm, eps, &mut xn[r]);
-            }
-            let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
-            if n == 1 {
-                k.matvecs(&mut [(wg, &mut *gate), (wu, &mut *up)], xn);
-            } else {
-                k.matmul(wg, xn, n, gate);
-                k.matmul(wu, xn, n, up);
-            }
-            k.silu_mul(gate, up);
-            mm(k, self.w.w(lw.w_down), gate, n, xn);
-            k.add(x, xn);
+    /// Run `tokens` (at most `state.batch`) at positions `state.pos..` as one batch; leaves
+    /// the final hidden states in `state.x` and writes the last token's logits; with
+    /// `all_logits`, also appends every token's logits there (tests).
+    pub fn chunk(&self, s: &mut LlamaState, tokens: &[u32], all_logits: Option<&mut Vec<f32>>) {
+        let (cfg, k, n) = (self.cfg, self.k, tokens.len());
+        debug_assert!(n >= 1 && n <= s.batch && s.pos + n <= s.capacity());
+        let h = cfg.hidden_size;
+        let embed = self.w.w(self.w.embed);
+        for (t, &tok) in tokens.iter().enumerate() {
+            k.to_f32(embed.row(tok as usize, h), &mut s.x[t * h..(t + 1) * h]);
+        }
+        self.rope_angles(s.pos, n, &mut s.cos, &mut s.sin);
+        for l in 0..self.w.layers.len() {
+            self.attn_block(s, l, n);
+            self.ffn_block(s, l, n);
         }
 
         // Final norm and lm_head: only the last row unless every row's logits were asked for.
@@ -253,8 +193,13 @@ impl Forward<'_> {
         let mut all = all_logits;
         for t in first..n {
             let r = t * h..(t + 1) * h;
-            k.rmsnorm(&x[r.clone()], &self.w.norm, eps, &mut xn[r.clone()]);
-            k.matvec(lm_head, &xn[r], &mut s.logits);
+            k.rmsnorm(
+                &s.x[r.clone()],
+                &self.w.norm,
+                cfg.rms_norm_eps,
+                &mut s.xn[r.clone()],
+            );
+            k.matvec(lm_head, &s.xn[r], &mut s.logits);
             if let Some(all) = all.as_deref_mut() {
                 all.extend_from_slice(&s.logits);
             }
@@ -262,26 +207,119 @@ impl Forward<'_> {
         s.pos += n;
     }
 
+    /// Attention block of layer `l` for the `n` tokens in `s.x` at positions `s.pos..`:
+    /// x += Wo · attention(RoPE(Wq xn), cache + RoPE(Wk xn), cache + Wv xn), xn = rmsnorm(x).
+    fn attn_block(&self, s: &mut LlamaState, l: usize, n: usize) {
+        let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
+        let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let (p0, half) = (s.pos, hd / 2);
+        let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            k.rmsnorm(&x[r.clone()], &lw.attn_norm, cfg.rms_norm_eps, &mut xn[r]);
+        }
+        let (q, kn, vn) = (&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]);
+        let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
+        if n == 1 {
+            k.matvecs(&mut [(wq, &mut *q), (wk, &mut *kn), (wv, &mut *vn)], xn);
+        } else {
+            k.matmul(wq, xn, n, q);
+            k.matmul(wk, xn, n, kn);
+            k.matmul(wv, xn, n, vn);
+        }
+        for t in 0..n {
+            let (c, sn) = (
+                &s.cos[t * half..(t + 1) * half],
+                &s.sin[t * half..(t + 1) * half],
+            );
+            k.rope(&mut q[t * qd..(t + 1) * qd], hd, c, sn);
+            k.rope(&mut kn[t * kvd..(t + 1) * kvd], hd, c, sn);
+            for g in 0..cfg.num_key_value_heads {
+                let r = t * kvd + g * hd..t * kvd + (g + 1) * hd;
+                s.kv.head_mut(l, g).write(p0 + t, &kn[r.clone()], &vn[r]);
+            }
+        }
+
+        // Query heads in parallel when there is enough work; each writes its (n, hd) block
+        // of the head-major output and its own row of scores.
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let row = s.scores.len() / cfg.num_attention_heads;
+        let kv = &s.kv;
+        let q = &*q;
+        let one_head = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+            let kvh = kv.head(l, head / group);
+            for t in 0..n {
+                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                self.attend(kvh, qt, p0 + t + 1, scores, &mut out[t * hd..(t + 1) * hd]);
+            }
+        };
+        let heads = s.att_heads[..n * qd].chunks_mut(n * hd);
+        let work = cfg.num_attention_heads * n * (p0 + n) * hd;
+        if work >= 1 << 16 && cfg.num_attention_heads > 1 {
+            s.att_heads[..n * qd]
+                .par_chunks_mut(n * hd)
+                .zip(s.scores.par_chunks_mut(row))
+                .enumerate()
+                .for_each(one_head);
+        } else {
+            heads
+                .zip(s.scores.chunks_mut(row))
+                .enumerate()
+                .for_each(one_head);
+        }
+        // (n_heads, n, hd) -> (n, n_heads*hd)
+        let att = &mut s.att[..n * qd];
+        for head in 0..cfg.num_attention_heads {
+            for t in 0..n {
+                let src = (head * n + t) * hd;
+                att[t * qd + head * hd..t * qd + (head + 1) * hd]
+                    .copy_from_slice(&s.att_heads[src..src + hd]);
+            }
+        }
+        mm(k, self.w.w(lw.wo), att, n, xn);
+        k.add(x, xn);
+    }
+
+    /// SwiGLU feed-forward block of layer `l`: x += W_down (silu(W_gate xn) * W_up xn).
+    fn ffn_block(&self, s: &mut LlamaState, l: usize, n: usize) {
+        let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
+        let (gate, up) = (&mut s.gate[..n * inter], &mut s.up[..n * inter]);
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            k.rmsnorm(&x[r.clone()], &lw.ffn_norm, cfg.rms_norm_eps, &mut xn[r]);
+        }
+        let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
+        if n == 1 {
+            k.matvecs(&mut [(wg, &mut *gate), (wu, &mut *up)], xn);
+        } else {
+            k.matmul(wg, xn, n, gate);
+            k.matmul(wu, xn, n, up);
+        }
+        k.silu_mul(gate, up);
+        mm(k, self.w.w(lw.w_down), gate, n, xn);
+        k.add(x, xn);
+    }
+
     /// One token at position `s.pos` (decode), the whole pass on one [`team`] of threads:
     /// one fork/join per token, spinning barriers between the dependent steps, and the rows of
-    /// every matrix shared out between the threads. Same arithmetic as [`Forward::chunk`], which
-    /// it falls back to where no team can be formed.
+    /// every matrix shared out between the threads. The same steps as
+    /// [`Forward::attn_block`] + [`Forward::ffn_block`] (same kernels, same order, so the
+    /// same numbers), which it falls back to where no team can be formed.
     pub fn decode(&self, s: &mut LlamaState, token: u32) {
-        let cfg = self.cfg;
-        let k = self.k;
+        let (cfg, k) = (self.cfg, self.k);
         let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let (eps, p0, cap, half) = (cfg.rms_norm_eps, s.pos, s.capacity, hd / 2);
+        let (eps, p0, half) = (cfg.rms_norm_eps, s.pos, hd / 2);
         let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        let scale = (hd as f64).powf(-0.5) as f32;
         let len = p0 + 1; // causal: positions 0..=p0
 
         k.to_f32(self.w.w(self.w.embed).row(token as usize, h), &mut s.x[..h]);
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let a = ((p0 as f32) * f) as f64;
-            s.cos[i] = a.cos() as f32;
-            s.sin[i] = a.sin() as f32;
-        }
+        self.rope_angles(p0, 1, &mut s.cos, &mut s.sin);
         let (cos, sin) = (&s.cos[..half], &s.sin[..half]);
+        let layout = s.kv.layout();
+        let (k_store, v_store) = s.kv.storage_mut();
+        let (k_store, v_store) = (Shared::new(k_store), Shared::new(v_store));
         let x = Shared::new(&mut s.x[..h]);
         let xn = Shared::new(&mut s.xn[..h]);
         let q = Shared::new(&mut s.q[..qd]);
@@ -290,8 +328,6 @@ impl Forward<'_> {
         let att = Shared::new(&mut s.att[..qd]);
         let gate = Shared::new(&mut s.gate[..cfg.intermediate_size]);
         let up = Shared::new(&mut s.up[..cfg.intermediate_size]);
-        let k_cache = Shared::new(&mut s.k_cache);
-        let v_cache = Shared::new(&mut s.v_cache);
         let scores = Shared::new(&mut s.scores);
         let logits = Shared::new(&mut s.logits);
         let row = scores.len() / cfg.num_attention_heads;
@@ -308,28 +344,19 @@ impl Forward<'_> {
                 let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
                 t.matvecs(k, &[(wq, q), (wk, kn), (wv, vn)], xn.get());
 
-                // Attention, by kv head: RoPE, into the cache (keys as rows, values as
-                // columns), then the group's query heads over positions 0..=p0.
-                let layer = l * kvd * cap;
+                // Attention by kv head: RoPE, into the cache, then the group's query heads.
                 t.share(cfg.num_key_value_heads, |g| {
+                    let r = layout.range(l, g);
+                    let mut kvh = layout.head(k_store.slice(r.clone()), v_store.slice(r));
                     let kg = kn.slice(g * hd..(g + 1) * hd);
                     k.rope(kg, hd, cos, sin);
-                    let keys = k_cache.slice(layer + g * cap * hd..layer + (g + 1) * cap * hd);
-                    keys[p0 * hd..len * hd].copy_from_slice(kg);
-                    let values = v_cache.slice(layer + g * hd * cap..layer + (g + 1) * hd * cap);
-                    for (d, &v) in vn.slice(g * hd..(g + 1) * hd).iter().enumerate() {
-                        values[d * cap + p0] = v;
-                    }
+                    kvh.write(p0, kg, vn.slice(g * hd..(g + 1) * hd));
                     for head in g * group..(g + 1) * group {
                         let qh = q.slice(head * hd..(head + 1) * hd);
                         k.rope(qh, hd, cos, sin);
-                        let sc = scores.slice(head * row..head * row + len);
-                        k.matvec_strided(Weights::F32(&keys[..len * hd]), hd, qh, sc);
-                        k.scale(sc, scale);
-                        k.softmax(sc);
+                        let sc = scores.slice(head * row..(head + 1) * row);
                         let out = att.slice(head * hd..(head + 1) * hd);
-                        let vg = &values[..(hd - 1) * cap + len]; // (hd, len) of (hd, cap)
-                        k.matvec_strided(Weights::F32(vg), cap, sc, out);
+                        self.attend(kvh.read(), qh, len, sc, out);
                     }
                 });
                 t.matvecs(k, &[(self.w.w(lw.wo), xn)], att.get());
@@ -364,56 +391,6 @@ impl Forward<'_> {
         } else {
             // No team here (see `team::try_run`): the batched path gives the same numbers.
             self.chunk(s, &[token], None);
-        }
-    }
-
-    /// Causal attention of the `n` queries at positions `p0..p0+n` over the cached keys and
-    /// values of positions `0..p0+n`. GQA: query head `h` reads kv head `h / (heads/kv_heads)`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &[f32],      // (n, n_heads*head_dim), RoPE applied
-        keys: &[f32],   // (kv_heads, cap, head_dim), positions 0..p0+n filled
-        values: &[f32], // (kv_heads, head_dim, cap), positions 0..p0+n filled
-        p0: usize,
-        n: usize,
-        cap: usize,
-        out: &mut [f32],    // (n_heads, n, head_dim)
-        scores: &mut [f32], // (n_heads, capacity)
-    ) {
-        let cfg = self.cfg;
-        let k = self.k;
-        let (hd, qd) = (cfg.head_dim, cfg.q_dim());
-        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        let scale = (hd as f64).powf(-0.5) as f32;
-        let row = scores.len() / cfg.num_attention_heads;
-        let one_head = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
-            let g = head / group;
-            for t in 0..n {
-                let len = p0 + t + 1; // causal: positions 0..=p0+t
-                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                let s = &mut scores[..len];
-                let kg = &keys[g * cap * hd..(g * cap + len) * hd]; // (len, hd)
-                k.matvec(Weights::F32(kg), qt, s);
-                k.scale(s, scale);
-                k.softmax(s);
-                // out = V s, V the group's (hd, len) block of its (hd, cap) values.
-                let vg = &values[g * hd * cap..(g * hd + hd - 1) * cap + len];
-                k.matvec_strided(Weights::F32(vg), cap, s, &mut out[t * hd..(t + 1) * hd]);
-            }
-        };
-        // Threads pay off only when there is enough work per layer.
-        let work = cfg.num_attention_heads * n * (p0 + n) * hd;
-        if work >= 1 << 16 && cfg.num_attention_heads > 1 {
-            out.par_chunks_mut(n * hd)
-                .zip(scores.par_chunks_mut(row))
-                .enumerate()
-                .for_each(one_head);
-        } else {
-            out.chunks_mut(n * hd)
-                .zip(scores.chunks_mut(row))
-                .enumerate()
-                .for_each(one_head);
         }
     }
 }

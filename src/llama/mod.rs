@@ -21,10 +21,12 @@
 
 pub mod config;
 mod forward;
+mod kv_cache;
 mod model;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use forward::{LlamaState, MAX_BATCH};
+pub use kv_cache::KvCache;
 
 use crate::{Error, Result};
 use forward::Forward;
@@ -125,27 +127,33 @@ impl LlamaModel {
     /// Run `tokens` at positions `state.pos()..` (a prompt in batches of up to [`MAX_BATCH`]
     /// tokens, or one token against the cache) and return the last token's logits.
     pub fn forward<'s>(&self, state: &'s mut LlamaState, tokens: &[u32]) -> Result<&'s [f32]> {
-        let f = self.fwd();
-        f.check(state, tokens)?;
-        let batch = MAX_BATCH.min(state.capacity()).max(1);
-        for chunk in tokens.chunks(batch) {
-            match chunk {
-                [token] => f.decode(state, *token),
-                _ => f.chunk(state, chunk, None),
-            }
-        }
+        self.run(state, tokens, None)?;
         Ok(state.logits())
     }
 
     /// Like [`LlamaModel::forward`] but returns every token's logits, `(tokens.len(), vocab)`.
     pub fn forward_all_logits(&self, state: &mut LlamaState, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut all = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
+        self.run(state, tokens, Some(&mut all))?;
+        Ok(all)
+    }
+
+    /// Checks, then batches of at most the state's batch size; a lone token (decode) runs on
+    /// a team unless every token's logits are wanted.
+    fn run(
+        &self,
+        state: &mut LlamaState,
+        tokens: &[u32],
+        mut all: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         let f = self.fwd();
         f.check(state, tokens)?;
-        let batch = MAX_BATCH.min(state.capacity()).max(1);
-        let mut all = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
-        for chunk in tokens.chunks(batch) {
-            f.chunk(state, chunk, Some(&mut all));
+        for chunk in tokens.chunks(state.batch()) {
+            match (chunk, all.as_deref_mut()) {
+                ([token], None) => f.decode(state, *token),
+                (_, all) => f.chunk(state, chunk, all),
+            }
         }
-        Ok(all)
+        Ok(())
     }
 }

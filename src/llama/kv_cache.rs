@@ -1,0 +1,149 @@
+//! The KV cache of one sequence: RoPE'd keys and values of every layer and kv head, for the
+//! positions run so far. The forward pass reaches it only through heads (`write`, `keys`,
+//! `values`), so its layout, or a paged one later, is this file's business alone.
+
+use std::ops::Range;
+
+/// Keys and values for up to `capacity` positions.
+///
+/// Per kv head, keys are rows and values columns, so that the scores of one query are a single
+/// matrix-vector product over contiguous rows, and its output another over the value columns
+/// (a strided matvec).
+pub struct KvCache {
+    layout: KvLayout,
+    k: Vec<f32>, // (layers, kv_heads, capacity, head_dim)
+    v: Vec<f32>, // (layers, kv_heads, head_dim, capacity), transposed
+}
+
+/// Where each head lies in a [`KvCache`]'s storage.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayout {
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// One kv head of one layer, borrowed to write.
+pub struct KvHeadMut<'a> {
+    capacity: usize,
+    head_dim: usize,
+    k: &'a mut [f32], // (capacity, head_dim)
+    v: &'a mut [f32], // (head_dim, capacity)
+}
+
+/// One kv head of one layer, borrowed to read.
+#[derive(Clone, Copy)]
+pub struct KvHead<'a> {
+    capacity: usize,
+    head_dim: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl KvCache {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
+        let n = layers * kv_heads * capacity * head_dim;
+        KvCache {
+            layout: KvLayout {
+                capacity,
+                kv_heads,
+                head_dim,
+            },
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    /// Most positions it holds.
+    pub fn capacity(&self) -> usize {
+        self.layout.capacity
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Kv head `head` of `layer`, to write.
+    pub fn head_mut(&mut self, layer: usize, head: usize) -> KvHeadMut<'_> {
+        let r = self.layout.range(layer, head);
+        self.layout.head(&mut self.k[r.clone()], &mut self.v[r])
+    }
+
+    /// Kv head `head` of `layer`, to read.
+    pub fn head(&self, layer: usize, head: usize) -> KvHead<'_> {
+        let r = self.layout.range(layer, head);
+        KvHead {
+            capacity: self.layout.capacity,
+            head_dim: self.layout.head_dim,
+            k: &self.k[r.clone()],
+            v: &self.v[r],
+        }
+    }
+
+    /// The key and value storage, for threads that share the heads out among them: each cuts
+    /// its heads with [`KvLayout::range`] and rebuilds them with [`KvLayout::head`].
+    pub fn storage_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.k, &mut self.v)
+    }
+}
+
+impl KvLayout {
+    /// Where head (`layer`, `head`) lies in each of [`KvCache::storage_mut`]'s slices.
+    pub fn range(&self, layer: usize, head: usize) -> Range<usize> {
+        let per = self.capacity * self.head_dim;
+        let i = layer * self.kv_heads + head;
+        i * per..(i + 1) * per
+    }
+
+    /// A head from its parts of the storage (as cut by [`KvLayout::range`]).
+    pub fn head<'a>(&self, k: &'a mut [f32], v: &'a mut [f32]) -> KvHeadMut<'a> {
+        let per = self.capacity * self.head_dim;
+        assert!(
+            k.len() == per && v.len() == per,
+            "KvLayout::head: not one head"
+        );
+        KvHeadMut {
+            capacity: self.capacity,
+            head_dim: self.head_dim,
+            k,
+            v,
+        }
+    }
+}
+
+impl KvHeadMut<'_> {
+    /// Store the key and value of position `pos`.
+    pub fn write(&mut self, pos: usize, key: &[f32], value: &[f32]) {
+        let hd = self.head_dim;
+        self.k[pos * hd..(pos + 1) * hd].copy_from_slice(key);
+        for (d, &v) in value.iter().enumerate() {
+            self.v[d * self.capacity + pos] = v;
+        }
+    }
+
+    pub fn read(&self) -> KvHead<'_> {
+        KvHead {
+            capacity: self.capacity,
+            head_dim: self.head_dim,
+            k: self.k,
+            v: self.v,
+        }
+    }
+}
+
+impl<'a> KvHead<'a> {
+    /// Keys of positions `0..len`: (len, head_dim).
+    pub fn keys(&self, len: usize) -> &'a [f32] {
+        &self.k[..len * self.head_dim]
+    }
+
+    /// Values of positions `0..len`: a (head_dim, len) block whose rows are `stride` apart,
+    /// returned as (block, stride).
+    pub fn values(&self, len: usize) -> (&'a [f32], usize) {
+        let end = match len {
+            0 => 0,
+            _ => (self.head_dim - 1) * self.capacity + len,
+        };
+        (&self.v[..end], self.capacity)
+    }
+}
