@@ -1,11 +1,12 @@
 //! Token sampling with Spin's semantics (contract §4): repeat penalty, temperature, top-k, top-p,
 //! and a draw from a seeded PRNG.
 //!
-//! Order, as Spin's candle backend does it:
-//! 1. `temperature <= 0`: greedy — argmax of the raw logits, the first
-//!    maximum on ties. No penalty, no randomness.
-//! 2. Repeat penalty (CTRL form) on each *distinct* token among the last `n` tokens of
-//!    prompt + generated: `logit >= 0 ? logit / p : logit * p`. `p == 1` or `n == 0`: none.
+//! Order, as Spin's candle backend (and transformers) do it:
+//! 1. Repeat penalty (CTRL form), in every mode, greedy included, on each *distinct* token
+//!    among the last `n` tokens of prompt + generated: `logit >= 0 ? logit / p : logit * p`.
+//!    `p == 1` or `n == 0`: none.
+//! 2. `temperature <= 0`: greedy — argmax of the penalised logits, the first maximum on ties.
+//!    No randomness.
 //! 3. `softmax(logits / T)` over the whole vocabulary.
 //! 4. Keep the `k` most likely tokens (`k == 0` or `k >= vocab`: all).
 //! 5. Among those, in descending probability, keep the smallest prefix whose cumulative
@@ -155,13 +156,18 @@ impl Sampler {
     /// Panics only if `logits` is empty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         assert!(!logits.is_empty(), "sampler: empty logits");
-        if self.is_greedy() {
+        // The penalty comes first in every mode, greedy included, as in Spin (candle's
+        // `apply_repeat_penalty` before argmax) and transformers (contract §4).
+        if self.is_greedy() && !self.penalizes() {
             return argmax(logits) as u32;
         }
         let v = logits.len();
         self.probs.clear();
         self.probs.extend_from_slice(logits);
         self.apply_repeat_penalty(history);
+        if self.is_greedy() {
+            return argmax(&self.probs) as u32;
+        }
 
         // softmax(logits / T) over the whole vocabulary, in place (SIMD kernels when available).
         let inv_t = 1.0 / self.temperature;
@@ -218,9 +224,13 @@ impl Sampler {
         kept_ids[kept - 1]
     }
 
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.last_n > 0
+    }
+
     fn apply_repeat_penalty(&mut self, history: &[u32]) {
         let p = self.repeat_penalty;
-        if p == 1.0 || self.last_n == 0 {
+        if !self.penalizes() {
             return;
         }
         let start = history.len().saturating_sub(self.last_n);
@@ -375,13 +385,19 @@ mod tests {
     }
 
     #[test]
-    fn greedy_picks_first_max_and_ignores_penalty() {
+    fn greedy_picks_first_max_of_the_penalised_logits() {
         let logits = [1.0, 3.0, -2.0, 3.0, 0.5];
         for t in [0.0, -1.0] {
-            let mut s = Sampler::new(&params(t, 40, 0.9, 2.0, 64), 1).unwrap();
+            // No penalty: the first of the tied maxima.
+            let mut s = Sampler::new(&params(t, 40, 0.9, 1.0, 64), 1).unwrap();
             assert!(s.is_greedy());
-            // Token 1 is in the history; greedy does not penalise, so it still wins the tie.
             assert_eq!(s.sample(&logits, &[1, 1, 1]), 1);
+            // Penalty 2 on token 1 (in the history): 3.0 / 2 < 3.0, so token 3 wins.
+            let mut s = Sampler::new(&params(t, 40, 0.9, 2.0, 64), 1).unwrap();
+            assert_eq!(s.sample(&logits, &[1, 1, 1]), 3);
+            // Outside the last n = 1 tokens, token 1 is not penalised.
+            let mut s = Sampler::new(&params(t, 40, 0.9, 2.0, 1), 1).unwrap();
+            assert_eq!(s.sample(&logits, &[1, 4]), 1);
         }
         assert_eq!(argmax(&[f32::NAN, 0.0, -1.0]), 1);
         assert_eq!(argmax(&[-5.0]), 0);

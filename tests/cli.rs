@@ -261,6 +261,8 @@ fn infer_json_and_streamed_output_match_the_reference() {
         "tiny-llama",
         "--temperature",
         "0",
+        "--repeat-penalty",
+        "1",
         "--max-tokens",
         &n_new,
     ];
@@ -288,9 +290,26 @@ fn infer_json_and_streamed_output_match_the_reference() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), format!("{want}\n"));
 
-    // The prompt from stdin (its trailing newline dropped) gives the same.
-    let o = spinfer_in(&root(), &base, Some(&format!("{prompt}\n")));
+    // The prompt from stdin gives the same.
+    let o = spinfer_in(&root(), &base, Some(prompt));
     assert_eq!(stdout(&o), format!("{want}\n"));
+    // Stdin is taken byte for byte: a trailing newline stays part of the prompt, exactly as
+    // when it is passed as an argument.
+    let with_nl = format!("{prompt}\n");
+    let mut json = base.to_vec();
+    json.push("--json");
+    let from_stdin = spinfer_in(&root(), &json, Some(&with_nl));
+    let mut args = json.clone();
+    args.push(&with_nl);
+    let from_arg = spinfer(&args);
+    assert_eq!(from_stdin.status.code(), Some(0), "{}", stderr(&from_stdin));
+    assert_eq!(stdout(&from_stdin), stdout(&from_arg));
+    let v: Value = serde_json::from_str(&stdout(&from_stdin)).unwrap();
+    assert_ne!(
+        v["usage"]["prompt_token_count"],
+        p["prompt_ids"].as_array().unwrap().len(),
+        "the newline must add a token"
+    );
 
     // --max-tokens 0: empty text, the prompt still counted.
     let mut args = base.to_vec();

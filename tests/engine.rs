@@ -43,9 +43,11 @@ fn llama_fixtures() -> Vec<String> {
     names
 }
 
+/// Greedy without a repeat penalty, as the transformers references were generated.
 fn greedy(max_tokens: u32) -> InferencingParams {
     InferencingParams {
         temperature: 0.0,
+        repeat_penalty: 1.0,
         max_tokens,
         ..Default::default()
     }

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 pub const USAGE: &str = "\
 Usage: spinfer infer --model NAME [options] [PROMPT]
 
-Generates a continuation of PROMPT (read from stdin when absent; one trailing newline is dropped)
+Generates a continuation of PROMPT (read from stdin when absent, byte for byte)
 and streams it to stdout as it is produced, followed by a newline. Put `--` before a prompt that
 starts with `-`. Errors go to stderr as `error: <spin-error-variant>: <message>` (exit 1).
 
@@ -143,11 +143,6 @@ fn read_stdin_prompt() -> Result<String, Failure> {
     std::io::stdin()
         .read_to_string(&mut s)
         .map_err(|e| Failure::Io(format!("reading the prompt from stdin failed: {e}")))?;
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
+    // The bytes as given: a chat prompt ending in "assistant\n" needs its newline.
     Ok(s)
 }
