@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bert;
 pub mod engine;
+mod generate;
 pub mod llama;
 pub mod sampler;
 pub mod tokenizer;
