@@ -56,8 +56,8 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 
 # ---------------------------------------------------------------------------------------------
 # Doctests are left to the native suite (they would be compiled one by one for each target).
-# Under qemu (measured on the shared 2-core box: kernels 26 s, lib 46 s, engine 89 s, llama 21 s,
-# llama_exact 30 s, tiny-bert 8 s) everything runs except:
+# Under qemu (measured on the shared 2-core box: kernels 26 s, lib 46 s, engine 89 s, llama 21 s
+# + 30 s for its exact-policy pass, tiny-bert 8 s) everything runs except:
 #  - tests with "minilm" in their name: the real all-MiniLM-L6-v2 forward passes take over 6 CPU
 #    minutes emulated; they run natively (gnu and x86_64-musl), and on aarch64 the same code paths
 #    are covered by the tiny-BERT references and the kernel tiers against the scalar oracle;

@@ -1,8 +1,10 @@
 //! The Llama model against transformers' float32 references (fixtures/reference/llama/*.json,
-//! made by fixtures/make_llama_fixtures.py), and its errors on bad model folders.
-//! tests/llama_exact.rs repeats the reference check with the bf16 dot-product path turned off.
+//! made by fixtures/make_llama_fixtures.py), with the default and the exact precision policy, and
+//! its errors on bad model folders.
 
 mod llama_common;
+
+use spinfer::kernels::Policy;
 
 use llama_common::*;
 use spinfer::llama::LlamaModel;
@@ -25,22 +27,36 @@ use std::path::{Path, PathBuf};
 /// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. The AMX
 /// matmul (prefill of ≥ 8 tokens where the CPU has AMX) rounds the same inputs the same way
 /// (round to nearest even, f32 accumulation), so the same bound applies. With f32
-/// activations bf16 models measure ~4e-12 too (tests/llama_exact.rs).
-fn nmse_bound(dtype: &str) -> f64 {
+/// activations bf16 models measure ~4e-12 too (the exact-policy test below).
+fn nmse_bound(policy: Policy, dtype: &str) -> f64 {
     let k = spinfer::kernels::kernels();
-    let bf16_dot = (k.has_bf16_dot() && spinfer::kernels::bf16_dot_enabled())
-        || spinfer::kernels::amx_enabled();
+    let rounds =
+        (k.has_bf16_dot() && policy.bf16_dot) || (policy.amx && spinfer::kernels::amx_available());
     match dtype {
-        "bfloat16" if bf16_dot => 1e-3,
+        "bfloat16" if rounds => 1e-3,
         _ => 1e-6,
     }
 }
 
 #[test]
 fn greedy_and_logits_match_transformers_on_every_fixture() {
-    let report = check_all_fixtures(nmse_bound);
+    let policy = Policy::from_env();
+    let report = check_all_fixtures(policy, |d| nmse_bound(policy, d));
     eprintln!(
-        "kernels: {}\n{}",
+        "kernels: {}, {policy:?}\n{}",
+        spinfer::kernels::kernels().isa(),
+        report.join("\n")
+    );
+}
+
+/// The same check with bf16 weights computed exactly (widened to f32, f32 activations and
+/// accumulation) instead of through bf16 dot products or AMX tiles: every dtype meets the f32
+/// accumulation-order bound. Runs beside the default-policy test in the same process.
+#[test]
+fn exact_policy_matches_transformers_on_every_fixture() {
+    let report = check_all_fixtures(Policy::EXACT, |d| nmse_bound(Policy::EXACT, d));
+    eprintln!(
+        "kernels: {}, exact\n{}",
         spinfer::kernels::kernels().isa(),
         report.join("\n")
     );

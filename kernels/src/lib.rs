@@ -437,7 +437,7 @@ static AMX: AtomicU8 = AtomicU8::new(0);
 static AMX_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether `matmul` uses AMX for bf16 weights (n ≥ 2; n = 1 is a matvec) by default: where
-/// [`amx_available`], unless `SPINFER_AMX=0` or [`set_amx`] says otherwise.
+/// [`amx_available`], unless `SPINFER_AMX=0`. Models may differ: see [`Policy`].
 pub fn amx_enabled() -> bool {
     match AMX.load(Ordering::Relaxed) {
         1 => true,
@@ -451,11 +451,6 @@ pub fn amx_enabled() -> bool {
             on
         }
     }
-}
-
-/// Choose whether `matmul` uses AMX for bf16 weights (ignored where AMX is unavailable).
-pub fn set_amx(on: bool) {
-    AMX.store(if on && amx_available() { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// How many row ranges the AMX matmul has computed in this process.
@@ -493,9 +488,42 @@ pub fn bf16_dot_enabled() -> bool {
     }
 }
 
-/// Choose whether `matmul` uses the bf16 dot-product path for bf16 weights.
-pub fn set_bf16_dot(on: bool) {
-    BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// Which rounded-but-faster paths a model's matmuls with bf16 weights may take. Each model
+/// holds its own (two models, or two tests, can differ side by side); [`Policy::from_env`] is
+/// the default: [`amx_enabled`] and [`bf16_dot_enabled`], read once from the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// AMX tiles ([`Precision::Amx`]) where available.
+    pub amx: bool,
+    /// AVX-512 BF16 dot products ([`Precision::Bf16Dot`]) where available.
+    pub bf16_dot: bool,
+}
+
+impl Policy {
+    /// Weights widened to f32, f32 activations and accumulation everywhere.
+    pub const EXACT: Policy = Policy {
+        amx: false,
+        bf16_dot: false,
+    };
+
+    /// The process default, from `SPINFER_AMX` / `SPINFER_BF16_DOT` and the CPU.
+    pub fn from_env() -> Policy {
+        Policy {
+            amx: amx_enabled(),
+            bf16_dot: bf16_dot_enabled(),
+        }
+    }
+
+    /// The precision for a product of `n` tokens with `w`.
+    pub fn precision(self, w: Weights<'_>, n: usize) -> Precision {
+        if self.amx && matches!(w, Weights::Bf16(_)) && n >= AMX_MIN_N && amx_available() {
+            Precision::Amx
+        } else if self.bf16_dot {
+            Precision::Bf16Dot
+        } else {
+            Precision::Exact
+        }
+    }
 }
 
 /// A raw output pointer shared by threads that write disjoint parts of it.
@@ -738,18 +766,10 @@ impl Kernels {
         }
     }
 
-    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses
-    /// [`Precision::Amx`] where [`amx_enabled`] says so, else
-    /// [`Precision::Bf16Dot`] where [`bf16_dot_enabled`] says so.
+    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`, with the process default
+    /// [`Policy::from_env`]; models pass their own policy's choice to [`Kernels::matmul_with`].
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-        let p = if matches!(w, Weights::Bf16(_)) && n >= AMX_MIN_N && amx_enabled() {
-            Precision::Amx
-        } else if bf16_dot_enabled() {
-            Precision::Bf16Dot
-        } else {
-            Precision::Exact
-        };
-        self.matmul_with(p, w, x, n, y)
+        self.matmul_with(Policy::from_env().precision(w, n), w, x, n, y)
     }
 
     /// Y = X Wᵀ with the given precision for bf16 weights.

@@ -95,11 +95,10 @@ fn amx_runs_where_the_cpu_has_it() {
     check(&k, &mut rng, 20, 40, 70);
 }
 
-/// `matmul` takes AMX by default for bf16 weights and n ≥ 2 (unless SPINFER_AMX=0), and
-/// `set_amx(false)` returns it to the exact path bit for bit. The only test that flips the
-/// global switch.
+/// `matmul` takes AMX by default for bf16 weights and n ≥ 2 (unless SPINFER_AMX=0), and the
+/// exact policy's choice is the exact path bit for bit, whatever the process default.
 #[test]
-fn matmul_default_uses_amx_and_follows_switch() {
+fn matmul_default_uses_amx_and_the_exact_policy_does_not() {
     let Some(k) = avx512() else { return };
     let mut rng = Rng(13);
     let (n, m, kk) = (24, 48, 100);
@@ -127,15 +126,20 @@ fn matmul_default_uses_amx_and_follows_switch() {
             "default matmul skipped AMX"
         );
     }
-    spinfer_kernels::set_amx(false);
-    spinfer_kernels::set_bf16_dot(false);
-    k.matmul(w, &x, n, &mut y);
+    let exact_policy = spinfer_kernels::Policy::EXACT.precision(w, n);
+    assert_eq!(exact_policy, Precision::Exact);
+    k.matmul_with(exact_policy, w, &x, n, &mut y);
     let mut exact = vec![0f32; n * m];
     k.matmul_with(Precision::Exact, w, &x, n, &mut exact);
     assert_eq!(y, exact);
-    spinfer_kernels::set_amx(true);
-    assert_eq!(
-        spinfer_kernels::amx_enabled(),
-        spinfer_kernels::amx_available()
-    );
+    let amx_policy = spinfer_kernels::Policy {
+        amx: true,
+        bf16_dot: false,
+    };
+    let want = if spinfer_kernels::amx_available() {
+        Precision::Amx
+    } else {
+        Precision::Exact
+    };
+    assert_eq!(amx_policy.precision(w, n), want);
 }

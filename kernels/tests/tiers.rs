@@ -593,23 +593,20 @@ fn rope_and_to_f32() {
     }
 }
 
-/// `matmul` follows the global choice: with the bf16 dot path and AMX switched off it is
-/// bit-identical to `Precision::Exact` (the only test here that touches the global switches;
-/// tests/amx.rs checks the AMX default).
+/// The exact policy's choice is bit-identical to `Precision::Exact` for every tier and
+/// weight dtype, whatever the process default (tests/amx.rs checks the AMX default).
 #[test]
-fn matmul_default_follows_switch() {
+fn exact_policy_is_the_exact_path() {
     let mut rng = Rng(8);
     let (n, m, kk) = (5, 40, 70);
     let w = W::new(&mut rng, m * kk);
     let x = rng.vec(n * kk, 1.0);
-    spinfer_kernels::set_bf16_dot(false);
-    spinfer_kernels::set_amx(false);
-    assert!(!spinfer_kernels::bf16_dot_enabled() && !spinfer_kernels::amx_enabled());
     for k in tiers() {
         for wt in w.all(0) {
             let mut a = vec![0f32; n * m];
             let mut b = vec![0f32; n * m];
-            k.matmul(wt, &x, n, &mut a);
+            let p = spinfer_kernels::Policy::EXACT.precision(wt, n);
+            k.matmul_with(p, wt, &x, n, &mut a);
             k.matmul_with(Precision::Exact, wt, &x, n, &mut b);
             assert_eq!(a, b, "{}", k.isa());
         }

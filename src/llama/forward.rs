@@ -7,7 +7,7 @@ use super::model::ModelWeights;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use spinfer_kernels::team::{self, Shared};
-use spinfer_kernels::{Kernels, Weights};
+use spinfer_kernels::{Kernels, Policy, Weights};
 
 /// Most tokens one pass processes; longer prompts run in chunks of this size so scratch stays
 /// bounded (the weights are then streamed once per chunk, which costs little at this size).
@@ -95,23 +95,24 @@ impl LlamaState {
     }
 }
 
-/// y = x Wᵀ for `n` rows; the matrix-vector kernel for a single row (decode).
-fn mm(k: &Kernels, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-    if n == 1 {
-        k.matvec(w, x, y)
-    } else {
-        k.matmul(w, x, n, y)
-    }
-}
-
 pub(crate) struct Forward<'a> {
     pub cfg: &'a LlamaConfig,
     pub w: &'a ModelWeights,
     pub k: &'static Kernels,
+    pub policy: Policy,
     pub inv_freq: &'a [f32], // (head_dim/2)
 }
 
 impl Forward<'_> {
+    /// y = x Wᵀ for `n` rows, rounded as the model's [`Policy`] allows; the matrix-vector
+    /// kernel for a single row (decode).
+    fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+        match n {
+            1 => self.k.matvec(w, x, y),
+            _ => self.k.matmul_with(self.policy.precision(w, n), w, x, n, y),
+        }
+    }
+
     /// Check a request before touching the state.
     pub fn check(&self, state: &LlamaState, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
@@ -223,9 +224,9 @@ impl Forward<'_> {
         if n == 1 {
             k.matvecs(&mut [(wq, &mut *q), (wk, &mut *kn), (wv, &mut *vn)], xn);
         } else {
-            k.matmul(wq, xn, n, q);
-            k.matmul(wk, xn, n, kn);
-            k.matmul(wv, xn, n, vn);
+            self.matmul(wq, xn, n, q);
+            self.matmul(wk, xn, n, kn);
+            self.matmul(wv, xn, n, vn);
         }
         for t in 0..n {
             let (c, sn) = (
@@ -276,7 +277,7 @@ impl Forward<'_> {
                     .copy_from_slice(&s.att_heads[src..src + hd]);
             }
         }
-        mm(k, self.w.w(lw.wo), att, n, xn);
+        self.matmul(self.w.w(lw.wo), att, n, xn);
         k.add(x, xn);
     }
 
@@ -294,11 +295,11 @@ impl Forward<'_> {
         if n == 1 {
             k.matvecs(&mut [(wg, &mut *gate), (wu, &mut *up)], xn);
         } else {
-            k.matmul(wg, xn, n, gate);
-            k.matmul(wu, xn, n, up);
+            self.matmul(wg, xn, n, gate);
+            self.matmul(wu, xn, n, up);
         }
         k.silu_mul(gate, up);
-        mm(k, self.w.w(lw.w_down), gate, n, xn);
+        self.matmul(self.w.w(lw.w_down), gate, n, xn);
         k.add(x, xn);
     }
 

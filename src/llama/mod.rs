@@ -15,9 +15,10 @@
 //! `forward_all_logits()` (every position's logits, for tests).
 //!
 //! Precision: activations, the KV cache and all accumulation are f32; weights are read in their
-//! stored dtype. The one exception is the kernels' prefill matmul with bf16 weights, which rounds
-//! activations to bf16 for AVX-512 BF16 dot products (`SPINFER_BF16_DOT=0` turns it off);
-//! tests/llama.rs and tests/llama_exact.rs bound both paths against transformers.
+//! stored dtype. The one exception is the prefill matmul with bf16 weights, which may round
+//! activations to bf16 for AVX-512 BF16 dot products or AMX tiles, as the model's
+//! `kernels::Policy` allows (default from `SPINFER_BF16_DOT` / `SPINFER_AMX`; `load_with` sets
+//! it per model); tests/llama.rs bounds both paths against transformers.
 
 pub mod config;
 mod forward;
@@ -31,7 +32,7 @@ pub use kv_cache::KvCache;
 use crate::{Error, Result};
 use forward::Forward;
 use model::ModelWeights;
-use spinfer_kernels::Kernels;
+use spinfer_kernels::{Kernels, Policy};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -40,6 +41,7 @@ pub struct LlamaModel {
     weights: ModelWeights,
     tokenizer: Tokenizer,
     kernels: &'static Kernels,
+    policy: Policy,
     inv_freq: Vec<f32>, // (head_dim/2) RoPE inverse frequencies, scaling applied
 }
 
@@ -47,6 +49,12 @@ impl LlamaModel {
     /// Load a model folder: config.json (+ generation_config.json), tokenizer.json and the
     /// weights. Nothing proportional to the weights' size happens here (they are mapped).
     pub fn load(dir: &Path) -> Result<LlamaModel> {
+        LlamaModel::load_with(dir, Policy::from_env())
+    }
+
+    /// [`LlamaModel::load`] with the given precision policy for its bf16 matmuls instead of the
+    /// process default (see `kernels::Policy`).
+    pub fn load_with(dir: &Path, policy: Policy) -> Result<LlamaModel> {
         let cfg = LlamaConfig::load(dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = crate::tokenizer::from_file(&tok_path)
@@ -59,6 +67,7 @@ impl LlamaModel {
             weights,
             tokenizer,
             kernels,
+            policy,
             inv_freq,
         })
     }
@@ -96,6 +105,11 @@ impl LlamaModel {
         self.cfg.vocab_size
     }
 
+    /// How this model's bf16 matmuls may round.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -120,6 +134,7 @@ impl LlamaModel {
             cfg: &self.cfg,
             w: &self.weights,
             k: self.kernels,
+            policy: self.policy,
             inv_freq: &self.inv_freq,
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use spinfer::kernels::Policy;
 use spinfer::llama::LlamaModel;
 use std::path::PathBuf;
 
@@ -79,12 +80,12 @@ pub fn argmax(x: &[f32]) -> u32 {
 /// Greedy ids, text, and every step's logits of every fixture model and prompt against the
 /// reference; `bound(dtype)` is the NMSE bound for a model stored in `dtype`. Returns one line
 /// per model with the worst NMSE seen.
-pub fn check_all_fixtures(bound: impl Fn(&str) -> f64) -> Vec<String> {
+pub fn check_all_fixtures(policy: Policy, bound: impl Fn(&str) -> f64) -> Vec<String> {
     let mut report = Vec::new();
     for name in fixture_models() {
         let r = reference(&name);
         let dir = model_dir(&name);
-        let model = LlamaModel::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let model = LlamaModel::load_with(&dir, policy).unwrap_or_else(|e| panic!("{name}: {e}"));
         let dtype = r["dtype"].as_str().unwrap();
         let bound = bound(dtype);
         let eos: Vec<u32> = ids(&r["config"]["eos_token_ids"]);

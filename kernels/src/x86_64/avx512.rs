@@ -7,7 +7,7 @@
 //! llama.cpp makes for bf16 models (its vec_dot type for BF16 is BF16). Whether it is the
 //! default is decided by measurement (`bf16_dot_enabled`): it pays where `vdpbf16ps` runs at
 //! twice the f32 FMA FLOP rate (Zen 4), not on Sapphire Rapids (about half). `SPINFER_BF16_DOT`
-//! and `set_bf16_dot` override; `Precision` picks per call. Matrix-vector products (decode) are
+//! overrides it; each model's `Policy` picks per call. Matrix-vector products (decode) are
 //! memory-bound and always exact.
 
 use crate::simd::{MatmulJob, Simd, MC};
