@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bert;
+mod config;
 pub mod engine;
 mod generate;
 pub mod llama;
@@ -109,3 +110,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The kernels every model and the sampler use: the tier `SPINFER_ISA` names, else the best
+/// this CPU has (chosen once per process), or why that tier cannot run here.
+pub(crate) fn kernels() -> Result<&'static spinfer_kernels::Kernels> {
+    spinfer_kernels::try_kernels().map_err(|e| Error::runtime(format!("kernels unavailable: {e}")))
+}

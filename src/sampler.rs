@@ -122,7 +122,7 @@ pub struct Sampler {
     recent: Vec<u32>,
     /// (top_k,) min-heap of (probability bits, Reverse(id)) for small top-k.
     heap: BinaryHeap<Reverse<(u32, Reverse<u32>)>>,
-    kernels: Option<&'static spinfer_kernels::Kernels>,
+    kernels: &'static spinfer_kernels::Kernels,
 }
 
 /// Up to this k, top-k uses a heap scan; above it, a partition of all ids.
@@ -143,7 +143,7 @@ impl Sampler {
             idx: Vec::new(),
             recent: Vec::new(),
             heap: BinaryHeap::new(),
-            kernels: spinfer_kernels::try_kernels().ok(),
+            kernels: crate::kernels()?,
         })
     }
 
@@ -169,15 +169,10 @@ impl Sampler {
             return argmax(&self.probs) as u32;
         }
 
-        // softmax(logits / T) over the whole vocabulary, in place (SIMD kernels when available).
+        // softmax(logits / T) over the whole vocabulary, in place.
         let inv_t = 1.0 / self.temperature;
-        match self.kernels {
-            Some(k) => {
-                k.scale(&mut self.probs, inv_t);
-                k.softmax(&mut self.probs);
-            }
-            None => softmax_scalar(&mut self.probs, inv_t),
-        }
+        self.kernels.scale(&mut self.probs, inv_t);
+        self.kernels.softmax(&mut self.probs);
 
         let probs = &self.probs;
         let desc = |a: &u32, b: &u32| {
@@ -243,20 +238,6 @@ impl Sampler {
                 *l = if *l >= 0.0 { *l / p } else { *l * p };
             }
         }
-    }
-}
-
-/// softmax(x * inv_t) in place, in plain Rust (used when no kernel table is available).
-fn softmax_scalar(x: &mut [f32], inv_t: f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = ((*v - max) * inv_t).exp();
-        sum += *v as f64;
-    }
-    let inv_sum = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv_sum;
     }
 }
 
@@ -670,28 +651,6 @@ mod tests {
         let hist: Vec<u32> = (0..80).map(|i| (i * 13 % 50) as u32).collect();
         check_distribution(&test_logits(), &hist, 0.8, 40, 0.9, 1.1, 64);
         check_distribution(&test_logits(), &[3, 3, 17, 40, 1], 1.3, 8, 0.7, 1.8, 3);
-    }
-
-    #[test]
-    fn scalar_softmax_fallback_agrees_with_the_kernels() {
-        // softmax(x / 0.7) by definition in f64, vs the fallback and the kernel path.
-        let x: Vec<f32> = (0..300)
-            .map(|i| ((i * 31) % 17) as f32 * 0.9 - 6.0)
-            .collect();
-        let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let e: Vec<f64> = x.iter().map(|&v| ((v as f64 - m) / 0.7).exp()).collect();
-        let z: f64 = e.iter().sum();
-        let mut a = x.clone();
-        softmax_scalar(&mut a, 1.0 / 0.7);
-        let k = spinfer_kernels::kernels();
-        let mut b = x.clone();
-        k.scale(&mut b, 1.0 / 0.7);
-        k.softmax(&mut b);
-        for i in 0..x.len() {
-            let want = e[i] / z;
-            assert!((a[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{i}");
-            assert!((b[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{i}");
-        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The model folder's JSON: `config.json` (optional: all-MiniLM-L6-v2's shape when absent),
 //! `sentence_bert_config.json` (truncation window) and `1_Pooling/config.json` (must be mean).
 
+use crate::config::{read_json_object, Fields};
 use crate::{Error, Result};
-use serde_json::Value;
 use std::path::Path;
 
 /// The encoder's shape, as transformers' `BertConfig` names it.
@@ -44,25 +44,24 @@ impl BertConfig {
         if !path.exists() {
             return Ok(BertConfig::minilm());
         }
-        let json = read_json(&path)?;
+        let o = &read_json_object(&path)?;
+        let origin = &path.display().to_string();
+        let f = Fields { o, origin };
         let bad = |field: &str, why: &str| {
             Error::runtime(format!("{}: \"{field}\" {why}", path.display()))
         };
-        let usize_field = |field: &str, default: usize| -> Result<usize> {
-            match json.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => match v.as_u64() {
-                    Some(n) if n > 0 && n <= u32::MAX as u64 => Ok(n as usize),
-                    _ => Err(bad(
-                        field,
-                        &format!("must be a positive integer, found {v}"),
-                    )),
-                },
+        let positive = |field: &str, default: usize| -> Result<usize> {
+            match f.usize_opt(field)? {
+                None => Ok(default),
+                Some(n) if n > 0 && n <= u32::MAX as usize => Ok(n),
+                Some(n) => Err(bad(
+                    field,
+                    &format!("must be a positive integer, found {n}"),
+                )),
             }
         };
-        let str_field = |field: &str| json.get(field).and_then(|v| v.as_str());
 
-        if let Some(t) = str_field("model_type") {
+        if let Some(t) = f.str_opt("model_type")? {
             if t != "bert" {
                 return Err(bad(
                     "model_type",
@@ -72,17 +71,15 @@ impl BertConfig {
         }
         // The model was trained with exact (erf) GELU; tanh approximations or other
         // activations would silently give different vectors.
-        match json.get("hidden_act") {
-            None => {}
-            Some(Value::String(s)) if s == "gelu" => {}
-            Some(v) => {
+        if let Some(act) = f.str_opt("hidden_act")? {
+            if act != "gelu" {
                 return Err(bad(
                     "hidden_act",
-                    &format!("is {v}; only \"gelu\" (exact, erf form) is supported"),
-                ))
+                    &format!("is {act:?}; only \"gelu\" (exact, erf form) is supported"),
+                ));
             }
         }
-        if let Some(p) = str_field("position_embedding_type") {
+        if let Some(p) = f.str_opt("position_embedding_type")? {
             if p != "absolute" {
                 return Err(bad(
                     "position_embedding_type",
@@ -90,21 +87,19 @@ impl BertConfig {
                 ));
             }
         }
-        let eps = match json.get("layer_norm_eps") {
-            None | Some(Value::Null) => 1e-12,
-            Some(v) => match v.as_f64() {
-                Some(e) if e > 0.0 && e.is_finite() => e as f32,
-                _ => return Err(bad("layer_norm_eps", &format!("must be > 0, found {v}"))),
-            },
+        let eps = match f.f64_opt("layer_norm_eps")? {
+            None => 1e-12,
+            Some(e) if e > 0.0 && e.is_finite() => e as f32,
+            Some(e) => return Err(bad("layer_norm_eps", &format!("must be > 0, found {e}"))),
         };
         let cfg = BertConfig {
-            vocab_size: usize_field("vocab_size", 30522)?,
-            hidden_size: usize_field("hidden_size", 768)?,
-            num_hidden_layers: usize_field("num_hidden_layers", 12)?,
-            num_attention_heads: usize_field("num_attention_heads", 12)?,
-            intermediate_size: usize_field("intermediate_size", 3072)?,
-            max_position_embeddings: usize_field("max_position_embeddings", 512)?,
-            type_vocab_size: usize_field("type_vocab_size", 2)?,
+            vocab_size: positive("vocab_size", 30522)?,
+            hidden_size: positive("hidden_size", 768)?,
+            num_hidden_layers: positive("num_hidden_layers", 12)?,
+            num_attention_heads: positive("num_attention_heads", 12)?,
+            intermediate_size: positive("intermediate_size", 3072)?,
+            max_position_embeddings: positive("max_position_embeddings", 512)?,
+            type_vocab_size: positive("type_vocab_size", 2)?,
             layer_norm_eps: eps,
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
@@ -128,22 +123,18 @@ pub fn seq_window(dir: &Path, cfg: &BertConfig) -> Result<(usize, bool)> {
     let path = dir.join("sentence_bert_config.json");
     let (mut window, mut lower) = (DEFAULT_WINDOW, false);
     if path.exists() {
-        let json = read_json(&path)?;
-        if let Some(v) = json.get("max_seq_length") {
-            match v.as_u64() {
-                Some(n) if n >= 2 => window = n as usize,
-                _ => {
-                    return Err(Error::runtime(format!(
-                        "{}: \"max_seq_length\" must be an integer >= 2 (room for [CLS] and [SEP]), found {v}",
-                        path.display()
-                    )))
-                }
+        let o = &read_json_object(&path)?;
+        let origin = &path.display().to_string();
+        let f = Fields { o, origin };
+        if let Some(n) = f.usize_opt("max_seq_length")? {
+            if n < 2 {
+                return Err(Error::runtime(format!(
+                    "{origin}: \"max_seq_length\" must be an integer >= 2 (room for [CLS] and [SEP]), found {n}"
+                )));
             }
+            window = n;
         }
-        lower = json
-            .get("do_lower_case")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        lower = f.bool_opt("do_lower_case")?.unwrap_or(false);
     }
     Ok((window.min(cfg.max_position_embeddings), lower))
 }
@@ -155,13 +146,13 @@ pub fn check_pooling(dir: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let json = read_json(&path)?;
-    let flag = |k: &str| json.get(k).and_then(|v| v.as_bool());
-    if let Some(mode) = json.get("pooling_mode").and_then(|v| v.as_str()) {
+    let o = &read_json_object(&path)?;
+    let origin = &path.display().to_string();
+    let f = Fields { o, origin };
+    if let Some(mode) = f.str_opt("pooling_mode")? {
         if mode != "mean" {
             return Err(Error::runtime(format!(
-                "{}: pooling_mode {mode:?} is not supported; only mean pooling is",
-                path.display()
+                "{origin}: pooling_mode {mode:?} is not supported; only mean pooling is"
             )));
         }
         return Ok(());
@@ -173,20 +164,15 @@ pub fn check_pooling(dir: &Path) -> Result<()> {
         "pooling_mode_weightedmean_tokens",
         "pooling_mode_lasttoken",
     ];
-    if flag("pooling_mode_mean_tokens") == Some(false)
-        || others.iter().any(|k| flag(k) == Some(true))
-    {
+    let mut others_on = false;
+    for k in others {
+        others_on |= f.bool_opt(k)?.unwrap_or(false);
+    }
+    if f.bool_opt("pooling_mode_mean_tokens")? == Some(false) || others_on {
         return Err(Error::runtime(format!(
             "{}: only mean pooling (pooling_mode_mean_tokens alone) is supported",
             path.display()
         )));
     }
     Ok(())
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::runtime(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::runtime(format!("{} is not valid JSON: {e}", path.display())))
 }

@@ -50,8 +50,7 @@ const ATTN_PAR_MIN: usize = 1 << 19;
 
 /// Embed token sequences (each non-empty, at most the window) into L2-normalised vectors.
 pub(super) fn forward(m: &BertModel, seqs: &[Vec<u32>], s: &mut Scratch) -> Result<Vec<Vec<f32>>> {
-    let kern = spinfer_kernels::try_kernels()
-        .map_err(|e| Error::runtime(format!("kernels unavailable: {e}")))?;
+    let kern = m.kern;
     let cfg = &m.cfg;
     let (h, inter, nh, d) = (
         cfg.hidden_size,

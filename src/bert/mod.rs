@@ -21,7 +21,7 @@ pub use config::BertConfig;
 
 use crate::weights::{TensorRef, WeightStore};
 use crate::{Error, Result};
-use spinfer_kernels::{PackedWeights, Weights};
+use spinfer_kernels::{Kernels, PackedWeights, Weights};
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Mutex;
@@ -41,6 +41,7 @@ pub struct BertModel {
     /// sentence-transformers' `do_lower_case`: lowercase the text before tokenizing.
     lowercase: bool,
     tokenizer: Tokenizer,
+    kern: &'static Kernels,
     store: WeightStore,
     word_emb: TensorRef, // (vocab_size, hidden)
     pos_emb: TensorRef,  // (max_position_embeddings, hidden)
@@ -79,8 +80,7 @@ impl BertModel {
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), window, cfg.vocab_size)?;
         let store = WeightStore::open_dir(dir)?;
 
-        let kern = spinfer_kernels::try_kernels()
-            .map_err(|e| Error::runtime(format!("kernels unavailable: {e}")))?;
+        let kern = crate::kernels()?;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let n = Names::detect(&store);
         let mat = |name: String, shape: [usize; 2]| -> Result<TensorRef> {
@@ -146,6 +146,7 @@ impl BertModel {
             window,
             lowercase,
             tokenizer,
+            kern,
             store,
             word_emb,
             pos_emb,

@@ -1,8 +1,9 @@
 //! `config.json` (+ `generation_config.json`) of a Llama model, in the transformers 4.x form
 //! (`rope_theta`, `rope_scaling`, `torch_dtype`) and the 5.x form (`rope_parameters`, `dtype`).
 
+use crate::config::{parse_json_object, Fields};
 use crate::{Error, Result};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::path::Path;
 
 /// How RoPE frequencies are rescaled for long contexts.
@@ -61,11 +62,7 @@ impl LlamaConfig {
 
     /// Parse config.json text; `origin` names the file in errors.
     pub fn from_json_str(text: &str, origin: &str) -> Result<LlamaConfig> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::runtime(format!("{origin} is not valid JSON: {e}")))?;
-        let o = v
-            .as_object()
-            .ok_or_else(|| Error::runtime(format!("{origin}: expected a JSON object")))?;
+        let o = &parse_json_object(text, origin)?;
         let f = Fields { o, origin };
 
         if let Some(mt) = f.str_opt("model_type")? {
@@ -186,11 +183,7 @@ impl LlamaConfig {
 
     /// Add the EOS ids of generation_config.json (text) to those of config.json.
     pub fn merge_generation_config(&mut self, text: &str, origin: &str) -> Result<()> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::runtime(format!("{origin} is not valid JSON: {e}")))?;
-        let o = v
-            .as_object()
-            .ok_or_else(|| Error::runtime(format!("{origin}: expected a JSON object")))?;
+        let o = &parse_json_object(text, origin)?;
         let f = Fields { o, origin };
         for id in f.ids_opt("eos_token_id")?.unwrap_or_default() {
             if !self.eos_token_ids.contains(&id) {
@@ -341,82 +334,6 @@ impl LlamaConfig {
             }
         }
         inv
-    }
-}
-
-/// Typed access to a JSON object's fields with errors naming the file.
-struct Fields<'a> {
-    o: &'a Map<String, Value>,
-    origin: &'a str,
-}
-
-impl<'a> Fields<'a> {
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        match self.o.get(key) {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v),
-        }
-    }
-    fn err(&self, key: &str, want: &str, v: &Value) -> Error {
-        Error::runtime(format!("{}: {key} must be {want}, found {v}", self.origin))
-    }
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| self.err(key, "a non-negative integer", v)),
-        }
-    }
-    fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| Error::runtime(format!("{}: missing {key}", self.origin)))
-    }
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, "a number", v)),
-        }
-    }
-    fn f64_req(&self, key: &str) -> Result<f64> {
-        self.f64_opt(key)?
-            .ok_or_else(|| Error::runtime(format!("{}: missing {key}", self.origin)))
-    }
-    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(key, "true or false", v)),
-        }
-    }
-    fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(key, "a string", v)),
-        }
-    }
-    /// A token id given as a number or a list of numbers.
-    fn ids_opt(&self, key: &str) -> Result<Option<Vec<u32>>> {
-        let one = |v: &Value| {
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| self.err(key, "a token id or a list of token ids", v))
-        };
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => a.iter().map(one).collect::<Result<Vec<_>>>().map(Some),
-            Some(v) => Ok(Some(vec![one(v)?])),
-        }
     }
 }
 

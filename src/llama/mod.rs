@@ -60,7 +60,7 @@ impl LlamaModel {
         let tokenizer = crate::tokenizer::from_file(&tok_path)
             .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
         let weights = ModelWeights::load(dir, &cfg)?;
-        let kernels = spinfer_kernels::try_kernels().map_err(|e| Error::runtime(e.to_string()))?;
+        let kernels = crate::kernels()?;
         let inv_freq = cfg.rope_inv_freq();
         Ok(LlamaModel {
             cfg,
