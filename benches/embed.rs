@@ -6,8 +6,8 @@
 //! the GFLOP/s that implies, and its fraction of the measured peak.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use spinfer::bert::BertModel;
-use spinfer::kernels::probe;
+use spinfer::internals::bert::BertModel;
+use spinfer::internals::kernels::probe;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ fn report(m: &BertModel) {
         "embed: {} sentences, {tokens} tokens ({:.1} per sentence), {threads} threads, isa {}, f32 FMA peak {peak:.0} GFLOP/s",
         SENTENCES.len(),
         tokens as f64 / SENTENCES.len() as f64,
-        spinfer::kernels::kernels().isa()
+        spinfer::internals::kernels::kernels().isa()
     );
     let time = |name: &str, f: &mut dyn FnMut()| {
         f(); // warm

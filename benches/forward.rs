@@ -6,8 +6,8 @@
 //! the machine's limits (measured now) are printed first, so GB/s and GFLOP/s follow from it.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use spinfer::kernels::probe;
-use spinfer::llama::LlamaModel;
+use spinfer::internals::kernels::probe;
+use spinfer::internals::llama::LlamaModel;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //!
 //! cargo run --release --example llama_bench -- DIR [PROMPT_TOKENS=128] [GEN_TOKENS=32] [THREADS]
 
-use spinfer::llama::LlamaModel;
+use spinfer::internals::llama::LlamaModel;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ fn main() {
     };
     let (n_prompt, n_gen) = (num(1, 128), num(2, 32));
     if let Some(t) = args.get(3) {
-        spinfer::kernels::set_threads(t.parse().expect("a thread count"));
+        spinfer::internals::kernels::set_threads(t.parse().expect("a thread count"));
     }
 
     let t0 = Instant::now();
@@ -38,11 +38,11 @@ fn main() {
         dir.display(),
         model.n_params() as f64 / 1e9,
         model.bytes_per_decode_step() as f64 / 1e9,
-        spinfer::kernels::kernels().isa(),
+        spinfer::internals::kernels::kernels().isa(),
         rayon::current_num_threads()
     );
     let t0 = Instant::now();
-    let _ = spinfer::tokenizer::from_file(&dir.join("tokenizer.json"));
+    let _ = spinfer::internals::tokenizer::from_file(&dir.join("tokenizer.json"));
     let tok = t0.elapsed();
     println!(
         "load: {:.1} ms (of which tokenizer.json alone takes about {:.1} ms)",

@@ -9,7 +9,7 @@ use std::path::Path;
 /// A JSON file's top-level object.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::runtime(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("cannot read {}: {e}", path.display())))?;
     parse_json_object(&text, &path.display().to_string())
 }
 

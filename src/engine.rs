@@ -174,7 +174,7 @@ impl Engine {
     }
 
     /// Loads (or finds loaded) the inferencing model `<registry>/llama/<name>/`.
-    pub fn inferencing_model(&self, name: &str) -> Result<Arc<LlamaModel>> {
+    pub(crate) fn inferencing_model(&self, name: &str) -> Result<Arc<LlamaModel>> {
         check_model_name(name)?;
         self.llamas.get_or_load(name, || {
             let dir = self.registry.join("llama").join(name);
@@ -191,7 +191,7 @@ impl Engine {
 
     /// Loads (or finds loaded) the embedding model `<registry>/<name>/`. A folder that is not a
     /// BERT-family sentence embedder (or no folder) is `model-not-supported`.
-    pub fn embedding_model(&self, name: &str) -> Result<Arc<BertModel>> {
+    pub(crate) fn embedding_model(&self, name: &str) -> Result<Arc<BertModel>> {
         check_model_name(name)?;
         self.berts.get_or_load(name, || {
             let dir = self.registry.join(name);

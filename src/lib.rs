@@ -2,18 +2,42 @@
 //! (`fermyon:spin/llm`): `infer`, `infer_with_options` and `generate_embeddings` over Llama
 //! language models and BERT sentence embedders (all-MiniLM-L6-v2) in Spin's registry layout.
 
-pub mod bench;
-pub mod bert;
+mod bench;
+mod bert;
 mod config;
-pub mod engine;
+mod engine;
 mod generate;
-pub mod llama;
-pub mod sampler;
-pub mod tokenizer;
-pub mod weights;
+mod llama;
+mod sampler;
+mod tokenizer;
+mod weights;
 
-pub use engine::{Component, Engine};
-pub use spinfer_kernels as kernels;
+pub use engine::{check_model_name, Component, Engine};
+
+/// The layers under [`Engine`], for the CLI, tests, benches and tools built on the engine:
+/// models, tokenizer and weight loading, the sampler, the bench and the kernels. No stability
+/// promise: hosts use the crate root.
+pub mod internals {
+    pub use spinfer_kernels as kernels;
+    pub mod llama {
+        pub use crate::llama::*;
+    }
+    pub mod bert {
+        pub use crate::bert::*;
+    }
+    pub mod tokenizer {
+        pub use crate::tokenizer::*;
+    }
+    pub mod weights {
+        pub use crate::weights::*;
+    }
+    pub mod sampler {
+        pub use crate::sampler::*;
+    }
+    pub mod bench {
+        pub use crate::bench::*;
+    }
+}
 
 use std::fmt;
 
@@ -76,8 +100,30 @@ pub struct EmbeddingsResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
     ModelNotSupported,
-    RuntimeError(String),
+    RuntimeError(RuntimeError),
     InvalidInput(String),
+}
+
+/// A `runtime-error`: Spin sees only the message; the cause is for callers that act on it
+/// (a server picks its HTTP status from it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeError {
+    pub cause: Cause,
+    pub message: String,
+}
+
+/// What went wrong behind a `runtime-error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// A model file could not be opened, read or mapped.
+    Io,
+    /// The model's files are there but unusable: invalid JSON or metadata, a missing or
+    /// misshapen tensor, a tokenizer that does not load.
+    Model,
+    /// Not enough room now (queue or memory budget full); the same request may succeed later.
+    Overloaded,
+    /// Anything else: the engine itself failed (no usable kernels, a failed job).
+    Internal,
 }
 
 impl Error {
@@ -89,8 +135,41 @@ impl Error {
             Error::InvalidInput(_) => "invalid-input",
         }
     }
+
+    /// The cause of a `runtime-error`.
+    pub fn cause(&self) -> Option<Cause> {
+        match self {
+            Error::RuntimeError(r) => Some(r.cause),
+            _ => None,
+        }
+    }
+
+    /// The message of a `runtime-error` or `invalid-input` (none for `model-not-supported`).
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Error::ModelNotSupported => None,
+            Error::RuntimeError(r) => Some(&r.message),
+            Error::InvalidInput(m) => Some(m),
+        }
+    }
+
+    pub(crate) fn with_cause(cause: Cause, msg: impl Into<String>) -> Error {
+        Error::RuntimeError(RuntimeError {
+            cause,
+            message: msg.into(),
+        })
+    }
+    /// A model's files are unusable ([`Cause::Model`]).
     pub(crate) fn runtime(msg: impl Into<String>) -> Error {
-        Error::RuntimeError(msg.into())
+        Error::with_cause(Cause::Model, msg)
+    }
+    /// A model file could not be read ([`Cause::Io`]).
+    pub(crate) fn io(msg: impl Into<String>) -> Error {
+        Error::with_cause(Cause::Io, msg)
+    }
+    /// The engine failed ([`Cause::Internal`]).
+    pub(crate) fn internal(msg: impl Into<String>) -> Error {
+        Error::with_cause(Cause::Internal, msg)
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Error {
         Error::InvalidInput(msg.into())
@@ -101,7 +180,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::ModelNotSupported => f.write_str("model-not-supported"),
-            Error::RuntimeError(m) => write!(f, "runtime-error: {m}"),
+            Error::RuntimeError(r) => write!(f, "runtime-error: {}", r.message),
             Error::InvalidInput(m) => write!(f, "invalid-input: {m}"),
         }
     }
@@ -114,5 +193,5 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The kernels every model and the sampler use: the tier `SPINFER_ISA` names, else the best
 /// this CPU has (chosen once per process), or why that tier cannot run here.
 pub(crate) fn kernels() -> Result<&'static spinfer_kernels::Kernels> {
-    spinfer_kernels::try_kernels().map_err(|e| Error::runtime(format!("kernels unavailable: {e}")))
+    spinfer_kernels::try_kernels().map_err(|e| Error::internal(format!("kernels unavailable: {e}")))
 }

@@ -2,7 +2,7 @@
 //! all-MiniLM-L6-v2 vs sentence-transformers (the model itself is laid out by
 //! fixtures/fetch-minilm.sh), tiny random BERTs vs transformers, and load errors.
 
-use spinfer::bert::BertModel;
+use spinfer::internals::bert::BertModel;
 use spinfer::Error;
 use std::path::{Path, PathBuf};
 

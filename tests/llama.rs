@@ -4,10 +4,10 @@
 
 mod llama_common;
 
-use spinfer::kernels::Policy;
+use spinfer::internals::kernels::Policy;
 
 use llama_common::*;
-use spinfer::llama::LlamaModel;
+use spinfer::internals::llama::LlamaModel;
 use spinfer::Error;
 use std::path::{Path, PathBuf};
 
@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 /// (round to nearest even, f32 accumulation), so the same bound applies. With f32
 /// activations bf16 models measure ~4e-12 too (the exact-policy test below).
 fn nmse_bound(policy: Policy, dtype: &str) -> f64 {
-    let k = spinfer::kernels::kernels();
-    let rounds =
-        (k.has_bf16_dot() && policy.bf16_dot) || (policy.amx && spinfer::kernels::amx_available());
+    let k = spinfer::internals::kernels::kernels();
+    let rounds = (k.has_bf16_dot() && policy.bf16_dot)
+        || (policy.amx && spinfer::internals::kernels::amx_available());
     match dtype {
         "bfloat16" if rounds => 1e-3,
         _ => 1e-6,
@@ -44,7 +44,7 @@ fn greedy_and_logits_match_transformers_on_every_fixture() {
     let report = check_all_fixtures(policy, |d| nmse_bound(policy, d));
     eprintln!(
         "kernels: {}, {policy:?}\n{}",
-        spinfer::kernels::kernels().isa(),
+        spinfer::internals::kernels::kernels().isa(),
         report.join("\n")
     );
 }
@@ -57,7 +57,7 @@ fn exact_policy_matches_transformers_on_every_fixture() {
     let report = check_all_fixtures(Policy::EXACT, |d| nmse_bound(Policy::EXACT, d));
     eprintln!(
         "kernels: {}, exact\n{}",
-        spinfer::kernels::kernels().isa(),
+        spinfer::internals::kernels::kernels().isa(),
         report.join("\n")
     );
 }
@@ -76,7 +76,7 @@ fn long_prompt_runs_in_chunks_and_fills_the_cache() {
         .find(|p| p["name"] == "long")
         .unwrap();
     let prompt_ids = ids(&long["prompt_ids"]);
-    assert!(prompt_ids.len() > spinfer::llama::MAX_BATCH);
+    assert!(prompt_ids.len() > spinfer::internals::llama::MAX_BATCH);
     let mut state = model.new_state(prompt_ids.len());
     model.forward(&mut state, &prompt_ids).unwrap();
     assert_eq!(state.pos(), prompt_ids.len());
@@ -169,6 +169,11 @@ impl Drop for TempModel {
     }
 }
 
+/// The cause a failed load reports.
+fn load_cause(dir: &Path) -> Option<spinfer::Cause> {
+    LlamaModel::load(dir).err().and_then(|e| e.cause())
+}
+
 fn load_err(dir: &Path) -> String {
     match LlamaModel::load(dir) {
         Ok(_) => panic!("expected an error loading {}", dir.display()),
@@ -240,6 +245,7 @@ fn corrupt_header_is_named() {
         e.contains("model.safetensors") && e.contains("not a valid safetensors"),
         "{e}"
     );
+    assert_eq!(load_cause(m.path()), Some(spinfer::Cause::Model));
 }
 
 #[test]
@@ -248,6 +254,7 @@ fn missing_files_are_named() {
     std::fs::remove_file(m.path().join("config.json")).unwrap();
     let e = load_err(m.path());
     assert!(e.contains("config.json"), "{e}");
+    assert_eq!(load_cause(m.path()), Some(spinfer::Cause::Io));
 
     let m = TempModel::copy_of("tiny-llama", "notok");
     std::fs::remove_file(m.path().join("tokenizer.json")).unwrap();
@@ -280,7 +287,7 @@ fn model_is_shareable_across_threads() {
     fn shareable<T: Send + Sync>() {}
     fn sendable<T: Send>() {}
     shareable::<LlamaModel>();
-    sendable::<spinfer::llama::LlamaState>();
+    sendable::<spinfer::internals::llama::LlamaState>();
     let model = std::sync::Arc::new(LlamaModel::load(&model_dir("tiny-llama")).unwrap());
     let ids = model.encode("The quick brown fox").unwrap();
     let runs: Vec<Vec<f32>> = (0..2)

@@ -3,7 +3,7 @@
 //! odd or corrupt files, and model loads that name the file when it is bad.
 
 use serde_json::{json, Value};
-use spinfer::llama::LlamaModel;
+use spinfer::internals::llama::LlamaModel;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -91,7 +91,7 @@ fn assert_same(a: &Tokenizer, b: &Tokenizer, what: &str) {
 
 fn check_text(text: &str, what: &str) {
     let plain: Tokenizer = text.parse().unwrap();
-    let fast = spinfer::tokenizer::from_str(text).unwrap();
+    let fast = spinfer::internals::tokenizer::from_str(text).unwrap();
     assert_same(&plain, &fast, what);
 }
 
@@ -100,11 +100,11 @@ fn fast_loader_matches_tokenizers_on_every_tokenizer_file() {
     for path in tokenizer_files() {
         let what = path.display().to_string();
         let plain = Tokenizer::from_file(&path).unwrap();
-        let fast = spinfer::tokenizer::from_file(&path).unwrap();
+        let fast = spinfer::internals::tokenizer::from_file(&path).unwrap();
         assert_same(&plain, &fast, &what);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
-            spinfer::tokenizer::try_fast(&text).is_some(),
+            spinfer::internals::tokenizer::try_fast(&text).is_some(),
             "{what}: no fast path"
         );
 
@@ -121,7 +121,7 @@ fn fast_loader_matches_tokenizers_on_every_tokenizer_file() {
             v["model"]["merges"] = json!(legacy);
             let text = v.to_string();
             assert!(
-                spinfer::tokenizer::try_fast(&text).is_some(),
+                spinfer::internals::tokenizer::try_fast(&text).is_some(),
                 "{what}: no fast path"
             );
             check_text(&text, &format!("{what} (legacy merges)"));
@@ -137,7 +137,7 @@ fn fast_loader_matches_tokenizers_on_every_tokenizer_file() {
         );
         let text = v.to_string();
         check_text(&text, &format!("{what} (extra added tokens)"));
-        let t = spinfer::tokenizer::from_str(&text).unwrap();
+        let t = spinfer::internals::tokenizer::from_str(&text).unwrap();
         assert!(t.token_to_id("<extra_tok>").unwrap() as usize >= t.get_vocab_size(false));
     }
 }
@@ -294,7 +294,7 @@ fn odd_and_corrupt_files_load_or_fail_as_with_tokenizers() {
         // tokenizers panics on some odd files; the fast loader reports an error instead.
         let plain = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
             .unwrap_or_else(|_| Err("panicked".into()));
-        let fast = spinfer::tokenizer::from_str(text);
+        let fast = spinfer::internals::tokenizer::from_str(text);
         match (&plain, &fast) {
             (Ok(a), Ok(b)) => {
                 assert_same(a, b, what);
@@ -357,10 +357,10 @@ fn corrupt_tokenizer_file_is_an_error_naming_it() {
         };
         assert!(e.contains("tokenizer.json"), "case {i}: {e}");
         assert!(
-            spinfer::tokenizer::from_file(&d.0.join("tokenizer.json")).is_err(),
+            spinfer::internals::tokenizer::from_file(&d.0.join("tokenizer.json")).is_err(),
             "case {i}"
         );
     }
-    let e = spinfer::tokenizer::from_file(&src.join("no-such-file.json")).unwrap_err();
+    let e = spinfer::internals::tokenizer::from_file(&src.join("no-such-file.json")).unwrap_err();
     assert!(e.to_string().contains("No such file"), "{e}");
 }

@@ -1,7 +1,7 @@
 //! `spinfer bench`: speed of one model beside this machine's limits, measured in the same run.
 
 use super::{Arg, Failure, Parser, DEFAULT_REGISTRY};
-use spinfer::bench;
+use spinfer::internals::bench;
 use std::path::Path;
 
 pub const USAGE: &str = "\
@@ -41,9 +41,9 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
         }
     }
     let model = model.ok_or_else(|| p.usage_error("--model NAME is required"))?;
-    spinfer::engine::check_model_name(&model)?;
+    spinfer::check_model_name(&model)?;
     if let Some(n) = threads {
-        if n == 0 || !spinfer::kernels::set_threads(n) {
+        if n == 0 || !spinfer::internals::kernels::set_threads(n) {
             return Err(p.usage_error(format!(
                 "--threads {n}: need at least 1 (and set before any work)"
             )));

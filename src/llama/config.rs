@@ -49,12 +49,12 @@ impl LlamaConfig {
     pub fn load(dir: &Path) -> Result<LlamaConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::runtime(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::io(format!("cannot read {}: {e}", path.display())))?;
         let mut cfg = LlamaConfig::from_json_str(&text, &path.display().to_string())?;
         let gen = dir.join("generation_config.json");
         if gen.is_file() {
             let text = std::fs::read_to_string(&gen)
-                .map_err(|e| Error::runtime(format!("cannot read {}: {e}", gen.display())))?;
+                .map_err(|e| Error::io(format!("cannot read {}: {e}", gen.display())))?;
             cfg.merge_generation_config(&text, &gen.display().to_string())?;
         }
         Ok(cfg)

@@ -85,7 +85,7 @@ impl LlamaModel {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, false)
-            .map_err(|e| Error::runtime(format!("cannot decode token ids: {e}")))
+            .map_err(|e| Error::internal(format!("cannot decode token ids: {e}")))
     }
 
     pub fn eos_ids(&self) -> &[u32] {

@@ -80,7 +80,7 @@ impl WeightStore {
     /// Open the shards an index names. Shard names must be plain file names beside the index.
     pub fn open_index(index: &Path) -> Result<WeightStore> {
         let text = std::fs::read_to_string(index)
-            .map_err(|e| Error::runtime(format!("cannot read {}: {e}", index.display())))?;
+            .map_err(|e| Error::io(format!("cannot read {}: {e}", index.display())))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::runtime(format!("{} is not valid JSON: {e}", index.display())))?;
         let map = json
@@ -139,11 +139,11 @@ impl WeightStore {
         let mut unsupported = HashMap::new();
         for path in paths {
             let file = File::open(path)
-                .map_err(|e| Error::runtime(format!("cannot open {}: {e}", path.display())))?;
+                .map_err(|e| Error::io(format!("cannot open {}: {e}", path.display())))?;
             // SAFETY: the mapping is read-only and lives as long as the store; like every mmap
             // reader we rely on the model file not being truncated or rewritten while in use.
             let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| Error::runtime(format!("cannot map {}: {e}", path.display())))?;
+                .map_err(|e| Error::io(format!("cannot map {}: {e}", path.display())))?;
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
                     Error::runtime(format!(

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use spinfer::kernels::Policy;
-use spinfer::llama::LlamaModel;
+use spinfer::internals::kernels::Policy;
+use spinfer::internals::llama::LlamaModel;
 use std::path::PathBuf;
 
 pub fn root() -> PathBuf {
