@@ -164,7 +164,7 @@ impl Engine {
             });
         }
         let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let (embeddings, tokens) = m.embed(&refs)?;
+        let (embeddings, tokens) = guarded(|| m.embed(&refs))?;
         Ok(EmbeddingsResult {
             embeddings,
             usage: EmbeddingsUsage {
@@ -215,8 +215,22 @@ impl Engine {
         // Parameters are checked before the model is touched.
         let mut sampler = Sampler::new(params, seed.unwrap_or_else(fresh_seed))?;
         let m = self.inferencing_model(model)?;
-        generate_with(&*m, model, prompt, params.max_tokens, &mut sampler, on_text)
+        guarded(|| generate_with(&*m, model, prompt, params.max_tokens, &mut sampler, on_text))
     }
+}
+
+/// Runs `f`, turning a panic (a bug) into an `Internal` runtime error, so that no panic
+/// crosses the public API and a host (or server) goes on with the next request. Models hold
+/// no state a failed request could leave half-written: each request has its own.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::internal(format!("the engine failed: {msg}")))
+    })
 }
 
 /// A component's view of the engine: the same calls, but only for the models in its
@@ -346,6 +360,14 @@ fn looks_like_bert(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let e = guarded::<()>(|| panic!("kernel bug")).unwrap_err();
+        assert_eq!(e.cause(), Some(crate::Cause::Internal));
+        assert!(e.message().unwrap().contains("kernel bug"), "{e}");
+        assert_eq!(guarded(|| Ok(3)), Ok(3));
+    }
 
     #[test]
     fn model_names_that_could_leave_the_registry_are_rejected() {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 /// (scaled for clear greedy margins): measured here up to 7e-5; fixtures/check_llama_bf16_rounding.py
 /// rounds every linear input to bf16 in transformers and finds at most 1.9e-4 (llama-mqa-bf16)
 /// and no argmax flips. 1e-3 bounds that and stays three orders below a wrong model. The AMX
-/// matmul (prefill of ≥ 8 tokens where the CPU has AMX) rounds the same inputs the same way
+/// matmul (prefill of ≥ 2 tokens, `AMX_MIN_N`, where the CPU has AMX) rounds the same inputs the same way
 /// (round to nearest even, f32 accumulation), so the same bound applies. With f32
 /// activations bf16 models measure ~4e-12 too (the exact-policy test below).
 fn nmse_bound(policy: Policy, dtype: &str) -> f64 {

@@ -6,8 +6,9 @@
 use crate::{Kernels, MatvecBlocks, Weights};
 use std::cell::Cell;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, TryLockError};
 
 /// One team at a time: two teams sharing the pool could each hold a thread the other's
 /// barrier waits for.
@@ -71,7 +72,24 @@ struct Sync_ {
     generation: AtomicUsize,
     /// Work counters of even and odd phases: a phase resets the other's for the next one.
     next: [AtomicUsize; 2],
+    /// Set when a thread's job panicked: the others leave their barriers instead of waiting
+    /// for it forever.
+    poisoned: AtomicBool,
 }
+
+/// A team job panicked on some thread; every thread of the team has left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamPanicked(pub String);
+
+impl std::fmt::Display for TeamPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a team job panicked: {}", self.0)
+    }
+}
+impl std::error::Error for TeamPanicked {}
+
+/// The payload a thread unwinds with when it leaves a barrier because another panicked.
+struct LeftPoisonedTeam;
 
 /// One thread's view of the team.
 pub struct Team<'a> {
@@ -98,6 +116,9 @@ impl Team<'_> {
         }
         let mut spins = 0u32;
         while s.generation.load(Ordering::Acquire) == gen {
+            if s.poisoned.load(Ordering::Acquire) {
+                resume_unwind(Box::new(LeftPoisonedTeam));
+            }
             if spins < 1 << 11 {
                 std::hint::spin_loop();
                 spins += 1;
@@ -142,14 +163,16 @@ impl Team<'_> {
 }
 
 /// Run `f` on every thread of the pool as one team (on the calling thread alone if the pool
-/// has one thread) and return true when all are done. Returns false without running `f`
-/// where a team could deadlock: when called from a pool thread (the caller could hold work a
-/// team thread waits for), or while another team runs.
-pub fn try_run(f: impl Fn(&Team<'_>) + Sync) -> bool {
+/// has one thread). `Ok(true)` when all are done; `Ok(false)` without running `f` where a
+/// team could deadlock: when called from a pool thread (the caller could hold work a team
+/// thread waits for), or while another team runs. If `f` panics on any thread, the others
+/// leave their barriers, and the panic comes back as `Err` (the pool stays usable).
+pub fn try_run(f: impl Fn(&Team<'_>) + Sync) -> Result<bool, TeamPanicked> {
     let sync = Sync_ {
         arrived: AtomicUsize::new(0),
         generation: AtomicUsize::new(0),
         next: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        poisoned: AtomicBool::new(false),
     };
     let n = rayon::current_num_threads();
     let team = |id| Team {
@@ -158,16 +181,40 @@ pub fn try_run(f: impl Fn(&Team<'_>) + Sync) -> bool {
         sync: &sync,
         phase: Cell::new(0),
     };
-    if n <= 1 {
-        f(&team(0));
-        return true;
-    }
-    if rayon::current_thread_index().is_some() {
-        return false;
-    }
-    let Ok(_one) = ONE_TEAM.try_lock() else {
-        return false;
+    // Each thread runs its part under catch_unwind; the first real panic's message is kept.
+    let first_panic: Mutex<Option<String>> = Mutex::new(None);
+    let run_one = |id: usize| {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(&team(id)))) {
+            sync.poisoned.store(true, Ordering::Release);
+            if !p.is::<LeftPoisonedTeam>() {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                first_panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(msg);
+            }
+        }
     };
-    rayon::broadcast(|ctx| f(&team(ctx.index())));
-    true
+    if n <= 1 {
+        run_one(0);
+    } else {
+        if rayon::current_thread_index().is_some() {
+            return Ok(false);
+        }
+        // A poisoned lock only means an earlier team panicked; every thread has left it.
+        let _one = match ONE_TEAM.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+        };
+        rayon::broadcast(|ctx| run_one(ctx.index()));
+    }
+    match first_panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(msg) => Err(TeamPanicked(msg)),
+        None => Ok(true),
+    }
 }

@@ -308,7 +308,7 @@ impl Forward<'_> {
     /// every matrix shared out between the threads. The same steps as
     /// [`Forward::attn_block`] + [`Forward::ffn_block`] (same kernels, same order, so the
     /// same numbers), which it falls back to where no team can be formed.
-    pub fn decode(&self, s: &mut LlamaState, token: u32) {
+    pub fn decode(&self, s: &mut LlamaState, token: u32) -> Result<()> {
         let (cfg, k) = (self.cfg, self.k);
         let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let (eps, p0, half) = (cfg.rms_norm_eps, s.pos, hd / 2);
@@ -387,11 +387,12 @@ impl Forward<'_> {
             t.barrier();
             t.matvecs(k, &[(self.w.w(self.w.lm_head), logits)], xn.get());
         });
-        if ran {
-            s.pos += 1;
-        } else {
+        match ran {
+            Ok(true) => s.pos += 1,
             // No team here (see `team::try_run`): the batched path gives the same numbers.
-            self.chunk(s, &[token], None);
+            Ok(false) => self.chunk(s, &[token], None),
+            Err(e) => return Err(Error::internal(format!("decode failed: {e}"))),
         }
+        Ok(())
     }
 }

@@ -165,7 +165,7 @@ impl LlamaModel {
         f.check(state, tokens)?;
         for chunk in tokens.chunks(state.batch()) {
             match (chunk, all.as_deref_mut()) {
-                ([token], None) => f.decode(state, *token),
+                ([token], None) => f.decode(state, *token)?,
                 (_, all) => f.chunk(state, chunk, all),
             }
         }
