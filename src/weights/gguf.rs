@@ -484,7 +484,7 @@ impl<'a> Reader<'a> {
         let fits = (self.remaining() / min_bytes) as u64;
         if n > fits {
             return Err(GgufError::invalid(format!(
-                "{}: {} is {n}, more than the {} bytes left in the file could hold",
+                "{}: {} is {n}, more than the {} bytes left in the file could hold: truncated or corrupt?",
                 self.source,
                 what(),
                 self.remaining()
@@ -497,7 +497,7 @@ impl<'a> Reader<'a> {
         let len = self.u64(&|| format!("the length of {}", what()))?;
         if len > self.remaining() as u64 {
             return Err(GgufError::invalid(format!(
-                "{}: {} has length {len}, more than the {} bytes left in the file",
+                "{}: {} has length {len}, more than the {} bytes left in the file: truncated or corrupt?",
                 self.source,
                 what(),
                 self.remaining()
@@ -540,9 +540,9 @@ impl<'a> Reader<'a> {
             12 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
             9 => {
                 return Err(GgufError::invalid(format!(
-                    "{}: metadata key {key:?} is an array of arrays, which GGUF readers do not support",
-                    self.source
-                )))
+                "{}: metadata key {key:?} is an array of arrays, which GGUF readers do not support",
+                self.source
+            )))
             }
             t => {
                 return Err(GgufError::invalid(format!(
@@ -727,14 +727,19 @@ impl Gguf {
                 }
             };
             let cols = dims[0] as usize;
+            if !cols.is_multiple_of(format.block_len()) {
+                return Err(GgufError::invalid(format!(
+                    "{source}: tensor {name:?} ({}) has rows of {cols} values, not a whole number of {}-value blocks",
+                    format.name(),
+                    format.block_len()
+                )));
+            }
             let size = format
                 .row_bytes(cols)
                 .and_then(|row| row.checked_mul(numel / cols))
                 .ok_or_else(|| {
                     GgufError::invalid(format!(
-                        "{source}: tensor {name:?} ({}) has rows of {cols} values, not a whole number of {}-value blocks",
-                        format.name(),
-                        format.block_len()
+                        "{source}: tensor {name:?} has dims {dims:?}: its size in bytes overflows"
                     ))
                 })?;
             if !names.insert(name.clone()) {

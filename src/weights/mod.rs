@@ -102,7 +102,10 @@ impl WeightStore {
                 WeightFiles::SafetensorsIndex(index),
             ));
         } else if single.is_file() {
-            found.push((single.display().to_string(), WeightFiles::Safetensors(single)));
+            found.push((
+                single.display().to_string(),
+                WeightFiles::Safetensors(single),
+            ));
         }
         let entries = std::fs::read_dir(dir)
             .map_err(|e| Error::runtime(format!("cannot list {}: {e}", dir.display())))?;
@@ -193,12 +196,12 @@ impl WeightStore {
             // Split parts say which part they are; a lone file may omit the keys.
             let no = g.metadata.get_u32("split.no")?;
             let count = g.metadata.get_u32("split.count")?;
-            if n > 1 || count.is_some_and(|c| c > 1) {
-                if no != Some(i as u32) || count != Some(n as u32) {
-                    return Err(GgufError::invalid(format!(
-                        "{source}: split.no {no:?} / split.count {count:?}, expected part {i} of {n}"
-                    )));
-                }
+            if (n > 1 || count.is_some_and(|c| c > 1))
+                && (no != Some(i as u32) || count != Some(n as u32))
+            {
+                return Err(GgufError::invalid(format!(
+                    "{source}: split.no {no:?} / split.count {count:?}, expected part {i} of {n}"
+                )));
             }
             tensor_total += g.tensors.len();
             for t in g.tensors {
