@@ -906,3 +906,169 @@ fn mutated_files_never_panic() {
     eprintln!("{iters} mutations: {ok} parsed, {err} refused, no panic");
     assert_eq!(ok + err, iters);
 }
+
+// ---- the tokenizer built from GGUF metadata ------------------------------------------------
+
+use spinfer::tokenizer::gguf::tokenizer_from_gguf;
+
+#[test]
+fn smollm2_tokenizer_encodes_like_the_references() {
+    let Some(path) = smollm2() else { return };
+    let store = WeightStore::open_gguf(&[path]).unwrap();
+    let t = tokenizer_from_gguf(store.metadata().unwrap()).unwrap();
+    assert_eq!(
+        (t.bos, t.eos, t.add_bos, t.add_eos),
+        (Some(1), Some(2), false, false)
+    );
+    // llama.cpp's own tokenizer where that reference exists, transformers' GGUF conversion
+    // (independent of ours) otherwise or as well; at least one must be there.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/reference/gguf");
+    let mut checked = 0;
+    for name in [
+        "tokenize-smollm2.json",
+        "tokenize-smollm2-transformers.json",
+    ] {
+        if !dir.join(name).is_file() {
+            continue;
+        }
+        let r = reference(name);
+        let add_special = r["add_special_tokens"].as_bool().unwrap_or(true);
+        let mut bad = Vec::new();
+        let cases = r["cases"].as_array().unwrap();
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let got = t
+                .tokenizer
+                .encode(text, add_special)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            if got != want {
+                bad.push(format!("{text:?}: got {got:?}, want {want:?}"));
+            }
+            // Byte-level BPE decodes back to the text exactly.
+            assert_eq!(t.tokenizer.decode(&got, false).unwrap(), text);
+        }
+        assert!(
+            bad.is_empty(),
+            "{name}: {} of {} differ:\n{}",
+            bad.len(),
+            cases.len(),
+            bad.join("\n")
+        );
+        checked += cases.len();
+    }
+    assert!(checked > 0, "no tokenizer reference in {}", dir.display());
+    // Control tokens are one token, and special on decode.
+    let ids = t
+        .tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!((ids[0], *ids.last().unwrap()), (1, 2));
+    assert_eq!(t.tokenizer.decode(&ids, true).unwrap(), "user\nhi");
+}
+
+fn str_array(items: &[&str]) -> Vec<u8> {
+    let mut v = T_STR.to_le_bytes().to_vec();
+    v.extend((items.len() as u64).to_le_bytes());
+    for s in items {
+        v.extend(gstr(s.as_bytes()));
+    }
+    v
+}
+
+fn i32_array(items: &[i32]) -> Vec<u8> {
+    let mut v = T_I32.to_le_bytes().to_vec();
+    v.extend((items.len() as u64).to_le_bytes());
+    for x in items {
+        v.extend(x.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn tokenizer_metadata_errors_name_the_key() {
+    let bpe = |pre: &str| {
+        Builder::new()
+            .kv("tokenizer.ggml.model", T_STR, gstr(b"gpt2"))
+            .kv("tokenizer.ggml.pre", T_STR, gstr(pre.as_bytes()))
+            .kv("tokenizer.ggml.tokens", T_ARR, str_array(&["a", "b", "ab"]))
+            .kv("tokenizer.ggml.merges", T_ARR, str_array(&["a b"]))
+    };
+    let g = parse(&bpe("smollm").bytes()).unwrap();
+    let t = tokenizer_from_gguf(&g.metadata).unwrap();
+    assert_eq!(t.tokenizer.encode("ab", false).unwrap().get_ids(), [2]);
+    assert!(!t.add_bos);
+
+    let g = parse(&bpe("no-such-pre").bytes()).unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(
+        e.to_string().contains("\"no-such-pre\"") && e.is_unsupported(),
+        "{e}"
+    );
+
+    let g = parse(
+        &Builder::new()
+            .kv("tokenizer.ggml.model", T_STR, gstr(b"rwkv"))
+            .bytes(),
+    )
+    .unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(e.to_string().contains("\"rwkv\""), "{e}");
+
+    let g = parse(
+        &bpe("smollm")
+            .kv("tokenizer.ggml.token_type", T_ARR, i32_array(&[1, 1]))
+            .bytes(),
+    )
+    .unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(e.to_string().contains("token_type"), "{e}");
+
+    let g = parse(
+        &bpe("smollm")
+            .kv(
+                "tokenizer.ggml.bos_token_id",
+                T_U32,
+                7u32.to_le_bytes().to_vec(),
+            )
+            .bytes(),
+    )
+    .unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(e.to_string().contains("bos_token_id"), "{e}");
+
+    let g = parse(
+        &bpe("smollm")
+            .kv(
+                "tokenizer.ggml.add_bos_token",
+                T_U32,
+                1u32.to_le_bytes().to_vec(),
+            )
+            .bytes(),
+    )
+    .unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(
+        e.to_string().contains("add_bos_token") && e.to_string().contains("bool"),
+        "{e}"
+    );
+
+    let g = parse(
+        &Builder::new()
+            .kv("tokenizer.ggml.model", T_STR, gstr(b"llama"))
+            .kv("tokenizer.ggml.tokens", T_ARR, str_array(&["a"]))
+            .bytes(),
+    )
+    .unwrap();
+    let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
+    assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
+}

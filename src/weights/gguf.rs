@@ -211,6 +211,11 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// The file the metadata came from (for messages).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.index.get(key).map(|&i| &self.kvs[i].1)
     }
