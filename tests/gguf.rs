@@ -1072,3 +1072,60 @@ fn tokenizer_metadata_errors_name_the_key() {
     let e = tokenizer_from_gguf(&g.metadata).err().unwrap();
     assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
 }
+
+#[test]
+fn sentencepiece_vocab_encodes_like_sentencepiece() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/reference/gguf");
+    let store = WeightStore::open_gguf(&[dir.join("tiny-spm.gguf")]).unwrap();
+    let t = tokenizer_from_gguf(store.metadata().unwrap()).unwrap();
+    assert_eq!(
+        (t.bos, t.eos, t.add_bos, t.add_eos),
+        (Some(1), Some(2), true, false)
+    );
+    let r = reference("tokenize-tiny-spm.json");
+    let cases = r["cases"].as_array().unwrap();
+    let mut bad = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let got = t.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        if got != want {
+            bad.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+        // With special tokens: BOS first (add_bos_token), as llama.cpp adds it.
+        let with = t.tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(with.first(), Some(&1));
+        assert_eq!(&with[1..], &got[..]);
+        // Decoding drops the dummy prefix and reassembles byte-fallback pieces (a literal "▁"
+        // in the text decodes as a space, in SentencePiece too).
+        if !text.contains('\u{2581}') {
+            assert_eq!(t.tokenizer.decode(&got, false).unwrap(), text, "{got:?}");
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
+    // Control tokens in the text are one token each (llama.cpp parses them as special), and
+    // the text after one gets its own dummy prefix, as llama.cpp gives it.
+    let ids = t
+        .tokenizer
+        .encode("<s>the</s>the", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let the = t.tokenizer.encode("the", false).unwrap().get_ids().to_vec();
+    let mut want = vec![1];
+    want.extend(&the);
+    want.push(2);
+    want.extend(&the);
+    assert_eq!(ids, want);
+}
