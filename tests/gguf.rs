@@ -905,6 +905,44 @@ fn mutated_files_never_panic() {
     }
     eprintln!("{iters} mutations: {ok} parsed, {err} refused, no panic");
     assert_eq!(ok + err, iters);
+
+    // The real file's header (49152 strings, arrays, 272 tensors): fewer, each parse is ~ms.
+    // One buffer, mutated in place and restored; a cut is a shorter slice of it.
+    let Some(path) = smollm2() else { return };
+    let mut real = std::fs::read(path).unwrap();
+    let header_end = Gguf::parse("x", &real).unwrap().data_offset;
+    let (mut ok, mut err) = (0usize, 0usize);
+    for i in 0..iters / 200 {
+        let mut saved = Vec::new();
+        let mut len = real.len();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(header_end);
+            saved.push((at, real[at]));
+            match rng.below(3) {
+                0 => real[at] ^= 1 << rng.below(8),
+                1 => real[at] = [0, 1, 0x7f, 0x80, 0xff][rng.below(5)],
+                _ => len = len.min(at),
+            }
+        }
+        match Gguf::parse("real", &real[..len]) {
+            Ok(g) => {
+                ok += 1;
+                // Whatever was accepted can be tokenized or refused without a panic (every
+                // 20th: building a 49152-token tokenizer takes ~0.1 s).
+                if i % 20 == 0 {
+                    let _ = spinfer::tokenizer::gguf::tokenizer_from_gguf(&g.metadata);
+                }
+            }
+            Err(_) => err += 1,
+        }
+        for (at, byte) in saved.into_iter().rev() {
+            real[at] = byte;
+        }
+    }
+    eprintln!(
+        "{} real-header mutations: {ok} parsed, {err} refused, no panic",
+        iters / 200
+    );
 }
 
 // ---- the tokenizer built from GGUF metadata ------------------------------------------------
@@ -1128,4 +1166,24 @@ fn sentencepiece_vocab_encodes_like_sentencepiece() {
     want.push(2);
     want.extend(&the);
     assert_eq!(ids, want);
+}
+
+#[test]
+fn tokenizer_json_beside_the_gguf_wins() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let gguf = std::fs::read(root.join("reference/gguf/tiny-spm.gguf")).unwrap();
+    let dir = TempDir::new("tokjson");
+    dir.write("m.gguf", &gguf);
+    let store = WeightStore::open_dir(&dir.0).unwrap();
+    let from_meta = spinfer::tokenizer::gguf::tokenizer_for(&store).unwrap();
+    assert_eq!(from_meta.tokenizer.get_vocab_size(false), 800);
+
+    let json = root.join("registry/llama/tiny-llama/tokenizer.json");
+    std::fs::copy(&json, dir.0.join("tokenizer.json")).unwrap();
+    let t = spinfer::tokenizer::gguf::tokenizer_for(&store).unwrap();
+    let want = spinfer::tokenizer::from_file(&json).unwrap();
+    assert_eq!(t.tokenizer.get_vocab_size(true), want.get_vocab_size(true));
+    assert_ne!(t.tokenizer.get_vocab_size(true), 800);
+    // BOS/EOS still from the GGUF metadata.
+    assert_eq!((t.bos, t.eos, t.add_bos), (Some(1), Some(2), true));
 }
