@@ -397,3 +397,108 @@ fn pre_tokenizer(name: &str) -> Option<PreTokenizer> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name llama.cpp maps to a pre-tokenizer we carry (llama-vocab.cpp, 2026), with
+    /// regexes fancy-regex compiles; names we do not carry give None.
+    #[test]
+    fn every_known_pre_tokenizer_compiles() {
+        let known = [
+            "default",
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+            "glm4",
+            "chatglm-bpe",
+            "tekken",
+            "falcon",
+            "starcoder",
+            "refact",
+            "command-r",
+            "smollm",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+            "mellum2",
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "a.x-4.0",
+            "mellum",
+            "modern-bert",
+            "mpt",
+            "olmo",
+            "jais",
+            "trillion",
+            "granite-docling",
+            "exaone4",
+            "qwen2",
+            "deepseek-r1-qwen",
+            "kormo",
+            "f2llmv2",
+            "megrez",
+            "stablelm2",
+            "hunyuan",
+            "solar-open",
+            "qwen35",
+            "gpt-4o",
+            "llama4",
+            "kanana2",
+            "talkie",
+            "minimax-m2",
+        ];
+        for name in known {
+            let p = pre_tokenizer(name).unwrap_or_else(|| panic!("{name}"));
+            for re in p.regexes {
+                Split::new(
+                    SplitPattern::Regex(re.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        for name in [
+            "deepseek-llm",
+            "deepseek-coder",
+            "viking",
+            "bloom",
+            "",
+            "SMOLLM",
+        ] {
+            assert!(pre_tokenizer(name).is_none(), "{name}");
+        }
+    }
+
+    /// Merges from scores: the best-scored join first, every split of a token kept.
+    #[test]
+    fn spm_merges_rank_by_joined_score() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0];
+        let mut vocab = Vocab::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), i as u32);
+        }
+        let m = spm_merges(&tokens, &scores, &vocab);
+        let m: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(m, [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]);
+    }
+}

@@ -530,3 +530,25 @@ compile_error!("safetensors data is little-endian; spinfer reads it in place and
 pub fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_names_parse_like_llama_cpp_writes_them() {
+        assert_eq!(split_part("m-00001-of-00003.gguf"), Some(("m", 1, 3)));
+        assert_eq!(split_part("a-b-00003-of-00003.gguf"), Some(("a-b", 3, 3)));
+        assert_eq!(split_name("a-b", 2, 3), "a-b-00002-of-00003.gguf");
+        for bad in [
+            "m-00004-of-00003.gguf",
+            "m-00000-of-00003.gguf",
+            "m-1-of-3.gguf",
+            "m-00001-of-00003.safetensors",
+            "00001-of-00003.gguf",
+            "m.gguf",
+        ] {
+            assert_eq!(split_part(bad), None, "{bad}");
+        }
+    }
+}
