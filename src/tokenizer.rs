@@ -19,6 +19,8 @@
 //! key, a malformed file...) goes to the plain `Tokenizer::from_str`, which also supplies the
 //! error.
 
+pub mod gguf;
+
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::borrow::Cow;

@@ -1,7 +1,11 @@
-//! Memory-mapped safetensors: typed, zero-copy views of tensors by name, over one file or the
-//! shards an index names. Kernels read the mapped bytes directly.
+//! Memory-mapped weights: typed, zero-copy views of tensors by name, over safetensors (one file
+//! or the shards an index names) or GGUF (one file or a split set, see [`gguf`]). Kernels read
+//! the mapped bytes directly.
+
+pub mod gguf;
 
 use crate::{Error, Result};
+use gguf::{Gguf, GgufError, Metadata};
 use spinfer_kernels::Weights;
 use std::collections::HashMap;
 use std::fs::File;
@@ -57,24 +61,199 @@ pub struct WeightStore {
     /// Tensors of dtypes we do not compute with (e.g. BERT's I64 `position_ids` buffer):
     /// skipped at open, an error only if asked for. name -> (file, dtype).
     unsupported: HashMap<String, (usize, String)>,
+    /// A GGUF model's metadata (from its first file); None for safetensors.
+    metadata: Option<Metadata>,
+}
+
+/// The weights a model folder holds (see [`WeightStore::find`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightFiles {
+    /// `model.safetensors.index.json` (and the shards it names).
+    SafetensorsIndex(PathBuf),
+    /// `model.safetensors`.
+    Safetensors(PathBuf),
+    /// One `.gguf` file, or every part of a split set in order.
+    Gguf(Vec<PathBuf>),
 }
 
 impl WeightStore {
-    /// Open a model folder's weights: `model.safetensors`, or every shard named by
-    /// `model.safetensors.index.json` (the index wins when both exist).
+    /// Open a model folder's weights, as [`WeightStore::find`] finds them. A GGUF using a
+    /// ggml type we do not compute with is `model-not-supported` (call
+    /// [`WeightStore::open_gguf`] directly to keep the message).
     pub fn open_dir(dir: &Path) -> Result<WeightStore> {
+        match WeightStore::find(dir)? {
+            WeightFiles::SafetensorsIndex(index) => WeightStore::open_index(&index),
+            WeightFiles::Safetensors(single) => WeightStore::open_files(&[single]),
+            WeightFiles::Gguf(paths) => Ok(WeightStore::open_gguf(&paths)?),
+        }
+    }
+
+    /// Which weights a model folder holds: `model.safetensors.index.json` (which wins over a
+    /// `model.safetensors` beside it), `model.safetensors`, exactly one `.gguf` file, or one
+    /// complete split set `<name>-0000i-of-0000N.gguf`. More than one of these is an error
+    /// naming them all (we would not know which one the user meant).
+    pub fn find(dir: &Path) -> Result<WeightFiles> {
         let index = dir.join("model.safetensors.index.json");
-        if index.is_file() {
-            return WeightStore::open_index(&index);
-        }
         let single = dir.join("model.safetensors");
-        if single.is_file() {
-            return WeightStore::open_files(&[single]);
+        let mut found: Vec<(String, WeightFiles)> = Vec::new();
+        if index.is_file() {
+            found.push((
+                index.display().to_string(),
+                WeightFiles::SafetensorsIndex(index),
+            ));
+        } else if single.is_file() {
+            found.push((
+                single.display().to_string(),
+                WeightFiles::Safetensors(single),
+            ));
         }
-        Err(Error::runtime(format!(
-            "no weights in {}: expected model.safetensors or model.safetensors.index.json",
-            dir.display()
-        )))
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| Error::runtime(format!("cannot list {}: {e}", dir.display())))?;
+        let mut ggufs: Vec<String> = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::runtime(format!("cannot list {}: {e}", dir.display())))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".gguf") && entry.path().is_file() {
+                ggufs.push(name.to_string());
+            }
+        }
+        ggufs.sort();
+        // Split sets: prefix and count -> the part numbers present.
+        let mut sets: Vec<((String, u32), Vec<u32>)> = Vec::new();
+        for name in &ggufs {
+            match split_part(name) {
+                Some((prefix, no, count)) => {
+                    let key = (prefix.to_string(), count);
+                    match sets.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, parts)) => parts.push(no),
+                        None => sets.push((key, vec![no])),
+                    }
+                }
+                None => found.push((
+                    dir.join(name).display().to_string(),
+                    WeightFiles::Gguf(vec![dir.join(name)]),
+                )),
+            }
+        }
+        for ((prefix, count), parts) in &sets {
+            let paths: Vec<PathBuf> = (1..=*count)
+                .map(|i| dir.join(split_name(prefix, i, *count)))
+                .collect();
+            let missing: Vec<String> = (1..=*count)
+                .filter(|i| !parts.contains(i))
+                .map(|i| split_name(prefix, i, *count))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::runtime(format!(
+                    "{}: split GGUF {prefix} is incomplete: missing {}",
+                    dir.display(),
+                    missing.join(", ")
+                )));
+            }
+            found.push((
+                format!(
+                    "{} ({count} parts)",
+                    dir.join(split_name(prefix, 1, *count)).display()
+                ),
+                WeightFiles::Gguf(paths),
+            ));
+        }
+        match found.len() {
+            1 => Ok(found.remove(0).1),
+            0 => Err(Error::runtime(format!(
+                "no weights in {}: expected model.safetensors, model.safetensors.index.json or one .gguf file",
+                dir.display()
+            ))),
+            _ => Err(Error::runtime(format!(
+                "{} holds several sets of weights and spinfer cannot tell which to use: {}; keep only one",
+                dir.display(),
+                found
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Open a GGUF model: one file, or every part of a split set in order (tensors spread over
+    /// the parts; metadata from the first). Tensors keep their block format as their dtype.
+    pub fn open_gguf(paths: &[PathBuf]) -> std::result::Result<WeightStore, GgufError> {
+        if paths.is_empty() {
+            return Err(GgufError::invalid("open_gguf: no files given"));
+        }
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        let mut metadata = None;
+        let n = paths.len();
+        let mut tensor_total = 0usize;
+        for (i, path) in paths.iter().enumerate() {
+            let source = path.display().to_string();
+            let map = map_file(path).map_err(GgufError::invalid)?;
+            let g = Gguf::parse(&source, &map)?;
+            // Split parts say which part they are; a lone file may omit the keys.
+            let no = g.metadata.get_u32("split.no")?;
+            let count = g.metadata.get_u32("split.count")?;
+            if (n > 1 || count.is_some_and(|c| c > 1))
+                && (no != Some(i as u32) || count != Some(n as u32))
+            {
+                return Err(GgufError::invalid(format!(
+                    "{source}: split.no {no:?} / split.count {count:?}, expected part {i} of {n}"
+                )));
+            }
+            tensor_total += g.tensors.len();
+            for t in g.tensors {
+                let entry = Entry {
+                    file: i,
+                    dtype: t.format,
+                    shape: t.shape,
+                    start: t.start,
+                    end: t.end,
+                };
+                if let Some(prev) = entries.insert(t.name.clone(), entry) {
+                    let prev: Entry = prev;
+                    return Err(GgufError::invalid(format!(
+                        "tensor {:?} appears in both {} and {source}",
+                        t.name,
+                        paths[prev.file].display()
+                    )));
+                }
+            }
+            if i == 0 {
+                metadata = Some(g.metadata);
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                map,
+            });
+        }
+        let metadata = metadata.unwrap_or_default();
+        if let Some(total) = metadata.get_u64("split.tensors.count")? {
+            if total != tensor_total as u64 {
+                return Err(GgufError::invalid(format!(
+                    "{}: split.tensors.count is {total} but the parts hold {tensor_total} tensors",
+                    paths[0].display()
+                )));
+            }
+        }
+        Ok(WeightStore {
+            files,
+            entries,
+            unsupported: HashMap::new(),
+            metadata: Some(metadata),
+        })
+    }
+
+    /// A GGUF model's metadata (None for safetensors).
+    pub fn metadata(&self) -> Option<&Metadata> {
+        self.metadata.as_ref()
+    }
+
+    /// The files the weights are in, in order.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
     }
 
     /// Open the shards an index names. Shard names must be plain file names beside the index.
@@ -138,48 +317,13 @@ impl WeightStore {
         let mut entries = HashMap::new();
         let mut unsupported = HashMap::new();
         for path in paths {
-            let file = File::open(path)
-                .map_err(|e| Error::io(format!("cannot open {}: {e}", path.display())))?;
-            // SAFETY: the mapping is read-only and lives as long as the store; like every mmap
-            // reader we rely on the model file not being truncated or rewritten while in use.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| Error::io(format!("cannot map {}: {e}", path.display())))?;
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
-                    Error::runtime(format!(
-                        "{} is not a valid safetensors file: {e}",
-                        path.display()
-                    ))
-                })?;
-            let data_start = 8 + header_len;
+            let map = map_file(path).map_err(Error::io)?;
             let idx = files.len();
-            for (name, info) in meta.tensors() {
-                let dtype = match info.dtype {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::BF16 => DType::Bf16,
-                    other => {
-                        unsupported.insert(name.clone(), (files.len(), format!("{other:?}")));
-                        continue;
-                    }
-                };
-                let (s, e) = info.data_offsets;
-                let entry = Entry {
-                    file: idx,
-                    dtype,
-                    shape: info.shape.clone(),
-                    start: data_start + s,
-                    end: data_start + e,
-                };
-                // Kernels load whole elements; the mmap base is page-aligned, so check the offset.
-                if !entry.start.is_multiple_of(dtype.align()) {
-                    return Err(Error::runtime(format!(
-                        "{}: tensor {name:?} starts at byte {} which is not aligned to its {}-byte elements; re-save the file with a current safetensors",
-                        path.display(),
-                        entry.start,
-                        dtype.align()
-                    )));
-                }
+            let (found, skipped) = safetensors_tensors(path, &map, idx)?;
+            for (name, dtype) in skipped {
+                unsupported.insert(name, (idx, dtype));
+            }
+            for (name, entry) in found {
                 if let Some(prev) = entries.insert(name.clone(), entry) {
                     let prev: Entry = prev;
                     return Err(Error::runtime(format!(
@@ -201,6 +345,7 @@ impl WeightStore {
             files,
             entries,
             unsupported,
+            metadata: None,
         })
     }
 
@@ -297,10 +442,113 @@ impl WeightStore {
     }
 }
 
+/// The tensors of one safetensors file (`bytes`, the whole file, file number `idx` of a
+/// store): those we compute with as entries, the others as (name, dtype) to refuse if asked.
+#[allow(clippy::type_complexity)]
+fn safetensors_tensors(
+    path: &Path,
+    bytes: &[u8],
+    idx: usize,
+) -> Result<(Vec<(String, Entry)>, Vec<(String, String)>)> {
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        Error::runtime(format!(
+            "{} is not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })?;
+    let data_start = 8 + header_len;
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::Bf16,
+            other => {
+                skipped.push((name.clone(), format!("{other:?}")));
+                continue;
+            }
+        };
+        let (s, e) = info.data_offsets;
+        let entry = Entry {
+            file: idx,
+            dtype,
+            shape: info.shape.clone(),
+            start: data_start + s,
+            end: data_start + e,
+        };
+        // Kernels load whole elements; the mmap base is page-aligned, so check the offset.
+        if !entry.start.is_multiple_of(dtype.align()) {
+            return Err(Error::runtime(format!(
+                "{}: tensor {name:?} starts at byte {} which is not aligned to its {}-byte elements; re-save the file with a current safetensors",
+                path.display(),
+                entry.start,
+                dtype.align()
+            )));
+        }
+        found.push((name.clone(), entry));
+    }
+    Ok((found, skipped))
+}
+
+/// Validates a safetensors file held in memory as opening it would (for fuzzing); the number
+/// of tensors we could compute with.
+pub fn check_safetensors(bytes: &[u8]) -> Result<usize> {
+    safetensors_tensors(Path::new("<memory>"), bytes, 0).map(|(found, _)| found.len())
+}
+
+/// Map a file read-only.
+fn map_file(path: &Path) -> std::result::Result<memmap2::Mmap, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: the mapping is read-only and lives as long as the store; like every mmap
+    // reader we rely on the model file not being truncated or rewritten while in use.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))
+}
+
+/// `name-0000i-of-0000N.gguf` (llama.cpp's `llama_split_path` form) -> (name, i, N), for
+/// 1 <= i <= N.
+fn split_part(file: &str) -> Option<(&str, u32, u32)> {
+    let stem = file.strip_suffix(".gguf")?;
+    let (rest, count) = stem.rsplit_once("-of-")?;
+    let (prefix, no) = rest.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(no) || !digits(count) {
+        return None;
+    }
+    let (no, count) = (no.parse().ok()?, count.parse().ok()?);
+    (1..=count).contains(&no).then_some((prefix, no, count))
+}
+
+fn split_name(prefix: &str, no: u32, count: u32) -> String {
+    format!("{prefix}-{no:05}-of-{count:05}.gguf")
+}
+
 #[cfg(target_endian = "big")]
 compile_error!("safetensors data is little-endian; spinfer reads it in place and supports little-endian targets only");
 
 /// A name with no path separators or parent references.
 pub fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_names_parse_like_llama_cpp_writes_them() {
+        assert_eq!(split_part("m-00001-of-00003.gguf"), Some(("m", 1, 3)));
+        assert_eq!(split_part("a-b-00003-of-00003.gguf"), Some(("a-b", 3, 3)));
+        assert_eq!(split_name("a-b", 2, 3), "a-b-00002-of-00003.gguf");
+        for bad in [
+            "m-00004-of-00003.gguf",
+            "m-00000-of-00003.gguf",
+            "m-1-of-3.gguf",
+            "m-00001-of-00003.safetensors",
+            "00001-of-00003.gguf",
+            "m.gguf",
+        ] {
+            assert_eq!(split_part(bad), None, "{bad}");
+        }
+    }
 }
