@@ -2,6 +2,7 @@
 //! (`rope_theta`, `rope_scaling`, `torch_dtype`) and the 5.x form (`rope_parameters`, `dtype`).
 
 use crate::config::{parse_json_object, Fields};
+use crate::weights::gguf::Metadata;
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -42,6 +43,13 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     /// `dtype` / `torch_dtype` as written (informational: each tensor's stored dtype is used).
     pub dtype: Option<String>,
+    /// RoPE rotates adjacent pairs (x[2i], x[2i+1]) instead of halves (x[i], x[i + d/2]):
+    /// llama.cpp's converter permutes the rows of Q and K so that its pairwise RoPE gives
+    /// transformers' results; rotating the pairs of those permuted rows gives the same scores.
+    pub rope_interleaved: bool,
+    /// Per-frequency divisors from a GGUF's `rope_freqs.weight` (llama3-style scaling as
+    /// llama.cpp stores it), applied after `rope_scaling`.
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl LlamaConfig {
@@ -176,6 +184,103 @@ impl LlamaConfig {
             bos_token_id: f.ids_opt("bos_token_id")?.and_then(|v| v.first().copied()),
             eos_token_ids: f.ids_opt("eos_token_id")?.unwrap_or_default(),
             dtype,
+            rope_interleaved: false,
+            rope_freq_factors: None,
+        };
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// The config of a GGUF model from its `llama.*` and `tokenizer.ggml.*` metadata (as
+    /// llama.cpp's `llm_load_hparams` reads them). `tied`: the file has no `output` tensor.
+    pub fn from_gguf(meta: &Metadata, tied: bool) -> Result<LlamaConfig> {
+        let origin = meta.source();
+        let arch = meta.require("general.architecture", meta.get_str("general.architecture"))?;
+        if arch != "llama" {
+            return Err(Error::runtime(format!(
+                "{origin}: general.architecture {arch:?} is not supported (only \"llama\")"
+            )));
+        }
+        let u = |key: &str| -> Result<Option<usize>> {
+            Ok(meta.get_u64(key)?.map(|v| v as usize))
+        };
+        let req = |key: &str| -> Result<usize> {
+            Ok(meta.require(key, meta.get_u64(key))? as usize)
+        };
+        let hidden_size = req("llama.embedding_length")?;
+        let num_attention_heads = req("llama.attention.head_count")?;
+        let num_key_value_heads = u("llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
+        let head_dim = match u("llama.attention.key_length")? {
+            Some(d) => d,
+            None if num_attention_heads > 0 => hidden_size / num_attention_heads,
+            None => 0,
+        };
+        if let Some(d) = u("llama.attention.value_length")? {
+            if d != head_dim {
+                return Err(Error::runtime(format!(
+                    "{origin}: llama.attention.value_length {d} differs from the key length {head_dim}, which Llama does not do"
+                )));
+            }
+        }
+        if let Some(d) = u("llama.rope.dimension_count")? {
+            if d != head_dim {
+                return Err(Error::runtime(format!(
+                    "{origin}: llama.rope.dimension_count {d} is not the head size {head_dim}; partial rotary embeddings are not supported"
+                )));
+            }
+        }
+        let vocab_size = match u("llama.vocab_size")? {
+            Some(v) => v,
+            None => meta
+                .get_str_array("tokenizer.ggml.tokens")?
+                .map(|t| t.len())
+                .ok_or_else(|| {
+                    Error::runtime(format!(
+                        "{origin}: neither llama.vocab_size nor tokenizer.ggml.tokens is present"
+                    ))
+                })?,
+        };
+        let max_position_embeddings = u("llama.context_length")?.unwrap_or(2048);
+        let rope_scaling = match meta.get_str("llama.rope.scaling.type")? {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: meta.require("llama.rope.scaling.factor", meta.get_f32("llama.rope.scaling.factor"))? as f64,
+            },
+            Some(other) => {
+                return Err(Error::runtime(format!(
+                    "{origin}: llama.rope.scaling.type {other:?} is not supported (supported: none, linear; llama3 scaling comes as rope_freqs.weight)"
+                )))
+            }
+        };
+        // llama.cpp stops at any end-of-generation token: EOS, and EOT where the vocab has one.
+        let mut eos_token_ids = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = meta.get_u32(key)? {
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        let cfg = LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: req("llama.feed_forward_length")?,
+            num_hidden_layers: req("llama.block_count")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: meta
+                .get_f32("llama.attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            max_position_embeddings,
+            rope_theta: meta.get_f32("llama.rope.freq_base")?.unwrap_or(10000.0) as f64,
+            rope_scaling,
+            tie_word_embeddings: tied,
+            bos_token_id: meta.get_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids,
+            dtype: None,
+            rope_interleaved: true,
+            rope_freq_factors: None,
         };
         cfg.validate(origin)?;
         Ok(cfg)
@@ -298,6 +403,11 @@ impl LlamaConfig {
                 1.0f32 / p
             })
             .collect();
+        if let Some(factors) = &self.rope_freq_factors {
+            for (f, d) in inv.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         match self.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {

@@ -20,18 +20,21 @@
 //! `kernels::Policy` allows (default from `SPINFER_BF16_DOT` / `SPINFER_AMX`; `load_with` sets
 //! it per model); tests/llama.rs bounds both paths against transformers.
 
+pub mod chat;
 pub mod config;
 mod forward;
 mod kv_cache;
 mod model;
 
+pub use chat::ChatMessage;
 pub use config::{LlamaConfig, RopeScaling};
 pub use forward::{LlamaState, MAX_BATCH};
 pub use kv_cache::KvCache;
 
 use crate::{Error, Result};
 use forward::Forward;
-use model::ModelWeights;
+use crate::weights::WeightStore;
+use model::{ModelWeights, Naming};
 use spinfer_kernels::{Kernels, Policy};
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -40,6 +43,8 @@ pub struct LlamaModel {
     cfg: LlamaConfig,
     weights: ModelWeights,
     tokenizer: Tokenizer,
+    /// The model's Jinja chat template (GGUF metadata, or the files beside safetensors).
+    chat_template: Option<String>,
     kernels: &'static Kernels,
     policy: Policy,
     inv_freq: Vec<f32>, // (head_dim/2) RoPE inverse frequencies, scaling applied
@@ -55,17 +60,39 @@ impl LlamaModel {
     /// [`LlamaModel::load`] with the given precision policy for its bf16 matmuls instead of the
     /// process default (see `kernels::Policy`).
     pub fn load_with(dir: &Path, policy: Policy) -> Result<LlamaModel> {
-        let cfg = LlamaConfig::load(dir)?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = crate::tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
-        let weights = ModelWeights::load(dir, &cfg)?;
+        let store = WeightStore::open_dir(dir)?;
+        let (cfg, tokenizer, weights, chat_template) = match store.metadata() {
+            // GGUF: config, tokenizer and chat template from the metadata.
+            Some(meta) => {
+                let tied = !store.contains("output.weight");
+                let mut cfg = LlamaConfig::from_gguf(meta, tied)?;
+                if store.contains("rope_freqs.weight") {
+                    let half = cfg.head_dim / 2;
+                    cfg.rope_freq_factors = Some(store.get_f32_vec("rope_freqs.weight", &[half])?);
+                }
+                let tok = crate::tokenizer::gguf::tokenizer_for(&store)?;
+                let template = meta.get_str("tokenizer.chat_template")?.map(str::to_string);
+                let tokenizer = tok.tokenizer;
+                let weights = ModelWeights::from_store(store, &cfg, Naming::Gguf)?;
+                (cfg, tokenizer, weights, template)
+            }
+            None => {
+                let cfg = LlamaConfig::load(dir)?;
+                let tok_path = dir.join("tokenizer.json");
+                let tokenizer = crate::tokenizer::from_file(&tok_path)
+                    .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
+                let template = chat::template_beside(dir)?;
+                let weights = ModelWeights::from_store(store, &cfg, Naming::Hf)?;
+                (cfg, tokenizer, weights, template)
+            }
+        };
         let kernels = crate::kernels()?;
         let inv_freq = cfg.rope_inv_freq();
         Ok(LlamaModel {
             cfg,
             weights,
             tokenizer,
+            chat_template,
             kernels,
             policy,
             inv_freq,
@@ -79,6 +106,27 @@ impl LlamaModel {
             .encode(prompt, true)
             .map_err(|e| Error::invalid(format!("cannot tokenize the prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The prompt for a conversation, through the model's chat template, ending with the
+    /// assistant's turn opened. A model without a template is `invalid-input`.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            return Err(Error::invalid(
+                "this model has no chat template (GGUF tokenizer.chat_template, chat_template.jinja or tokenizer_config.json); send a plain prompt instead",
+            ));
+        };
+        let text = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let eos = text(self.cfg.eos_token_ids.first().copied());
+        chat::render(template, messages, &text(self.cfg.bos_token_id), &eos)
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
     }
 
     /// Text of `ids` decoded all at once (byte-fallback pieces merged; special tokens kept).

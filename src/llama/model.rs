@@ -5,7 +5,6 @@ use super::config::LlamaConfig;
 use crate::weights::{TensorRef, WeightStore};
 use crate::{Error, Result};
 use spinfer_kernels::Weights;
-use std::path::Path;
 
 /// One decoder layer. Matrices are row-major `(out, in)` as stored.
 pub(crate) struct LayerWeights {
@@ -28,42 +27,90 @@ pub(crate) struct ModelWeights {
     pub lm_head: TensorRef, // (vocab, hidden); the embedding matrix when tied
 }
 
+/// Tensor names: transformers' (safetensors) or llama.cpp's (GGUF).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Naming {
+    Hf,
+    Gguf,
+}
+
+impl Naming {
+    fn embed(self) -> &'static str {
+        match self {
+            Naming::Hf => "model.embed_tokens.weight",
+            Naming::Gguf => "token_embd.weight",
+        }
+    }
+    fn norm(self) -> &'static str {
+        match self {
+            Naming::Hf => "model.norm.weight",
+            Naming::Gguf => "output_norm.weight",
+        }
+    }
+    fn lm_head(self) -> &'static str {
+        match self {
+            Naming::Hf => "lm_head.weight",
+            Naming::Gguf => "output.weight",
+        }
+    }
+    /// Layer `l`'s tensor `part`, named in transformers' terms.
+    fn layer(self, l: usize, part: &str) -> String {
+        match self {
+            Naming::Hf => format!("model.layers.{l}.{part}.weight"),
+            Naming::Gguf => {
+                let g = match part {
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "ffn_norm",
+                    other => other,
+                };
+                format!("blk.{l}.{g}.weight")
+            }
+        }
+    }
+}
+
 impl ModelWeights {
-    /// Open the model folder's safetensors and check every tensor the config needs.
-    pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<ModelWeights> {
-        let store = WeightStore::open_dir(dir)?;
+    /// Check every tensor the config needs in an opened store, named as `naming` says.
+    pub fn from_store(store: WeightStore, cfg: &LlamaConfig, naming: Naming) -> Result<ModelWeights> {
         let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let mat = |name: &str, shape: [usize; 2]| -> Result<TensorRef> {
             store.get_shaped(name, &shape)?;
             store.tensor_ref(name)
         };
-        let embed = mat("model.embed_tokens.weight", [v, h])?;
+        let embed = mat(naming.embed(), [v, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let n = |part: &str| naming.layer(l, part);
             layers.push(LayerWeights {
-                wq: mat(&format!("{p}.self_attn.q_proj.weight"), [qd, h])?,
-                wk: mat(&format!("{p}.self_attn.k_proj.weight"), [kvd, h])?,
-                wv: mat(&format!("{p}.self_attn.v_proj.weight"), [kvd, h])?,
-                wo: mat(&format!("{p}.self_attn.o_proj.weight"), [h, qd])?,
-                w_gate: mat(&format!("{p}.mlp.gate_proj.weight"), [i, h])?,
-                w_up: mat(&format!("{p}.mlp.up_proj.weight"), [i, h])?,
-                w_down: mat(&format!("{p}.mlp.down_proj.weight"), [h, i])?,
-                attn_norm: store.get_f32_vec(&format!("{p}.input_layernorm.weight"), &[h])?,
-                ffn_norm: store
-                    .get_f32_vec(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                wq: mat(&n("self_attn.q_proj"), [qd, h])?,
+                wk: mat(&n("self_attn.k_proj"), [kvd, h])?,
+                wv: mat(&n("self_attn.v_proj"), [kvd, h])?,
+                wo: mat(&n("self_attn.o_proj"), [h, qd])?,
+                w_gate: mat(&n("mlp.gate_proj"), [i, h])?,
+                w_up: mat(&n("mlp.up_proj"), [i, h])?,
+                w_down: mat(&n("mlp.down_proj"), [h, i])?,
+                attn_norm: store.get_f32_vec(&n("input_layernorm"), &[h])?,
+                ffn_norm: store.get_f32_vec(&n("post_attention_layernorm"), &[h])?,
             });
         }
-        let norm = store.get_f32_vec("model.norm.weight", &[h])?;
+        let norm = store.get_f32_vec(naming.norm(), &[h])?;
         // Tied models reuse the embedding (transformers ignores a stored lm_head then, too).
         let lm_head = if cfg.tie_word_embeddings {
             embed
-        } else if store.contains("lm_head.weight") {
-            mat("lm_head.weight", [v, h])?
+        } else if store.contains(naming.lm_head()) {
+            mat(naming.lm_head(), [v, h])?
         } else {
             return Err(Error::runtime(format!(
-                "tensor \"lm_head.weight\" not found in {} and config.json does not set tie_word_embeddings",
+                "tensor {:?} not found in {} and config.json does not set tie_word_embeddings",
+                naming.lm_head(),
                 store.describe()
             )));
         };
