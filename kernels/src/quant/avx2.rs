@@ -1,0 +1,278 @@
+//! AVX2 integer dot products of weight blocks with quantized activations, the approach of
+//! ggml's `arch/x86/quants.c`: unpack weights to bytes, `vpmaddubsw` (unsigned × signed bytes
+//! → i16 pairs) then `vpmaddwd` (→ i32, with ones or the sub-block scales), one f32 FMA per
+//! block. The integer sums equal the oracle's exactly; only the f32 scale products and their
+//! summation order differ (see `tests/quant.rs`).
+//!
+//! `vpmaddubsw` saturates at ±32767; no pair here comes near it: |w| ≤ 128 (Q8_0) or ≤ 63 with
+//! |q8| ≤ 127 (activations never hold -128: every quantizer here maps to -127..=127), so a
+//! pair is ≤ 2·128·127 = 32512. Used by the AVX-512 tier too (every AVX-512 CPU has AVX2).
+
+use super::*;
+use crate::Weights;
+use core::arch::x86_64::*;
+use half::f16;
+
+/// The tier's dot product (same contract as [`super::scalar::vec_dot`]).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot: length mismatch");
+    match (w, a) {
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => dot_q8_0(w, a),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => dot_q4_0(w, a),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => dot_q5_0(w, a),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => dot_q4_1(w, a),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => dot_q5_1(w, a),
+        (Weights::Q4K(w), Acts::Q8K(a)) => dot_q4_k(w, a),
+        (Weights::Q5K(w), Acts::Q8K(a)) => dot_q5_k(w, a),
+        (Weights::Q6K(w), Acts::Q8K(a)) => dot_q6_k(w, a),
+        _ => panic!(
+            "vec_dot: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        ),
+    }
+}
+
+#[inline(always)]
+unsafe fn h2f(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// 32 nibbles → 32 bytes: the low nibbles of the 16 bytes, then their high nibbles.
+#[inline(always)]
+unsafe fn nibbles(p: &[u8; 16]) -> __m256i {
+    let t = _mm_loadu_si128(p.as_ptr() as *const __m128i);
+    let b = _mm256_set_m128i(_mm_srli_epi16::<4>(t), t);
+    _mm256_and_si256(b, _mm256_set1_epi8(0xF))
+}
+
+/// 32 bits → 32 bytes, 0xFF where bit j is set.
+#[inline(always)]
+unsafe fn bits(qh: [u8; 4]) -> __m256i {
+    let x = _mm256_set1_epi32(i32::from_le_bytes(qh));
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let b = _mm256_shuffle_epi8(x, shuf);
+    let b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
+}
+
+/// Σ pairs of unsigned `a` × signed `b` bytes, as eight i32.
+#[inline(always)]
+unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// Σ pairs of signed × signed bytes (the sign moved onto `b`), as eight i32.
+#[inline(always)]
+unsafe fn i8s(a: __m256i, b: __m256i) -> __m256i {
+    us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline(always)]
+unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+        let p = i8s(load(x.qs.as_ptr() as _), load(y.qs.as_ptr() as _));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc)
+}
+
+#[inline(always)]
+unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+        let qx = _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8));
+        let p = i8s(qx, load(y.qs.as_ptr() as _));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc)
+}
+
+#[inline(always)]
+unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+        // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
+        let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let p = i8s(qx, load(y.qs.as_ptr() as _));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc)
+}
+
+#[inline(always)]
+unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        summs += h2f(x.m) * h2f(y.s);
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+        let p = us8(nibbles(&x.qs), load(y.qs.as_ptr() as _));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc) + summs
+}
+
+#[inline(always)]
+unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        summs += h2f(x.m) * h2f(y.s);
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+        let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
+        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let p = us8(qx, load(y.qs.as_ptr() as _));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc) + summs
+}
+
+/// Scales and mins of the eight sub-blocks of a Q4_K / Q5_K super-block, and Σ bsums·mins.
+#[inline(always)]
+fn k4_scales(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> ([i16; 8], i32) {
+    let mut sc = [0i16; 8];
+    let mut summ = 0i32;
+    for j in 0..8 {
+        let (s, m) = scalar::scale_min_k4(j, scales);
+        sc[j] = s as i16;
+        summ += (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32) * m as i32;
+    }
+    (sc, summ)
+}
+
+#[inline(always)]
+unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let (sc, summ) = k4_scales(&x.scales, &y.bsums);
+        acc_m += x.dmin.to_f32() * y.d * summ as f32;
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 64 {
+            let q4 = load(x.qs.as_ptr().add(32 * j));
+            let q8l = load(y.qs.as_ptr().add(64 * j) as _);
+            let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
+            let pl = _mm256_maddubs_epi16(_mm256_and_si256(q4, m4), q8l);
+            let ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), q8h);
+            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), pl);
+            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1]), ph);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let d = _mm256_set1_ps(h2f(x.d) * y.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc) - acc_m
+}
+
+#[inline(always)]
+unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(0xF);
+    let sixteen = _mm256_set1_epi8(16);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let (sc, summ) = k4_scales(&x.scales, &y.bsums);
+        acc_m += x.dmin.to_f32() * y.d * summ as f32;
+        let hb = load(x.qh.as_ptr());
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 64 {
+            let q4 = load(x.qs.as_ptr().add(32 * j));
+            // Bit 2j of qh[l] is the fifth bit of value l of the low half, bit 2j+1 of the high.
+            let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
+            let mh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
+            let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, ml), ml), sixteen);
+            let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, mh), mh), sixteen);
+            let ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
+            let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), hh);
+            let q8l = load(y.qs.as_ptr().add(64 * j) as _);
+            let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
+            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), _mm256_maddubs_epi16(ql, q8l));
+            let ph = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j + 1]),
+                _mm256_maddubs_epi16(qh, q8h),
+            );
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let d = _mm256_set1_ps(h2f(x.d) * y.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc) - acc_m
+}
+
+#[inline(always)]
+unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..2 {
+            let b1 = load(x.ql.as_ptr().add(64 * j));
+            let b2 = load(x.ql.as_ptr().add(64 * j + 32));
+            let bh = load(x.qh.as_ptr().add(32 * j));
+            // Values 0..63 (the stored q + 32) of the four quarters of this 128.
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(b1, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(b2, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
+                ),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let q8 = load(y.qs.as_ptr().add(128 * j + 32 * k) as _);
+                // (q + 32)·q8 - 32·q8, pairwise in i16 (≤ 2·63·127 and 2·32·127).
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(qk, q8), _mm256_maddubs_epi16(m32, q8));
+                // Values 0..15 of the quarter use one scale, 16..31 the next.
+                let s0 = x.scales[8 * j + 2 * k] as i16;
+                let s1 = x.scales[8 * j + 2 * k + 1] as i16;
+                let sc = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
+            }
+        }
+        let d = _mm256_set1_ps(h2f(x.d) * y.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc)
+}
