@@ -90,69 +90,89 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Σ over blocks of scale × (eight i32 lane sums) + extra, two blocks per step into two
+/// accumulators (one FMA chain would bound the loop by its latency).
 #[inline(always)]
+unsafe fn blocks<B, A, const EXTRA: bool>(
+    x: &[B],
+    y: &[A],
+    blk: impl Fn(&B, &A) -> (f32, __m256i, f32),
+) -> f32 {
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut e0, mut e1) = (0f32, 0f32);
+    let n = x.len().min(y.len());
+    let mut i = 0;
+    while i + 2 <= n {
+        let (d0, p0, m0) = blk(&x[i], &y[i]);
+        let (d1, p1, m1) = blk(&x[i + 1], &y[i + 1]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(p1), acc1);
+        if EXTRA {
+            e0 += m0;
+            e1 += m1;
+        }
+        i += 2;
+    }
+    if i < n {
+        let (d0, p0, m0) = blk(&x[i], &y[i]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
+        if EXTRA {
+            e0 += m0;
+        }
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + (e0 + e1)
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+    blocks::<_, _, false>(x, y, |x, y| {
         let p = i8s(load(x.qs.as_ptr() as _), load(y.qs.as_ptr() as _));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    }
-    hsum(acc)
+        (h2f(x.d) * h2f(y.d), p, 0.0)
+    })
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+    blocks::<_, _, false>(x, y, |x, y| {
         let qx = _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8));
-        let p = i8s(qx, load(y.qs.as_ptr() as _));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    }
-    hsum(acc)
+        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
+    })
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+    blocks::<_, _, false>(x, y, |x, y| {
         // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
         let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
         let qx = _mm256_or_si256(nibbles(&x.qs), hi);
-        let p = i8s(qx, load(y.qs.as_ptr() as _));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    }
-    hsum(acc)
+        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
+    })
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for (x, y) in x.iter().zip(y) {
-        summs += h2f(x.m) * h2f(y.s);
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+    blocks::<_, _, true>(x, y, |x, y| {
         let p = us8(nibbles(&x.qs), load(y.qs.as_ptr() as _));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    }
-    hsum(acc) + summs
+        (h2f(x.d) * h2f(y.d), p, h2f(x.m) * h2f(y.s))
+    })
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for (x, y) in x.iter().zip(y) {
-        summs += h2f(x.m) * h2f(y.s);
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
+    blocks::<_, _, true>(x, y, |x, y| {
         let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
         let qx = _mm256_or_si256(nibbles(&x.qs), hi);
-        let p = us8(qx, load(y.qs.as_ptr() as _));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    }
-    hsum(acc) + summs
+        (
+            h2f(x.d) * h2f(y.d),
+            us8(qx, load(y.qs.as_ptr() as _)),
+            h2f(x.m) * h2f(y.s),
+        )
+    })
 }
 
 /// Scales and mins of the eight sub-blocks of a Q4_K / Q5_K super-block, and Σ bsums·mins.
@@ -168,7 +188,8 @@ fn k4_scales(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> ([i16; 8]
     (sc, summ)
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
@@ -193,7 +214,8 @@ unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     hsum(acc) - acc_m
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let sixteen = _mm256_set1_epi8(16);
@@ -228,7 +250,8 @@ unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     hsum(acc) - acc_m
 }
 
-#[inline(always)]
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
