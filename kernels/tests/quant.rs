@@ -4,10 +4,10 @@
 //! Tier vs oracle bound. Both quantize x with the same (oracle) code, so they hold the same
 //! activation blocks, and both form the same integer sums exactly (i32, far from overflow;
 //! `vpmaddubsw` never saturates, see `quant/avx2.rs`). They differ only in the f32 work after:
-//! each block contributes ≤ 2 terms (scale product × integer, min part), k-quant blocks ≤ 9
-//! (eight lane sums and the mins), each term formed with ≤ 3 roundings, and the terms are
-//! summed in different orders. A sum of N such terms is within (N + 3)·u·Σ|terms| of the exact
-//! value (u = 2^-24), so the two differ by ≤ 2·(N + 3)·u·Σ|terms|, N = 9·blocks + 16.
+//! each block contributes ≤ 2 terms (scale product × integer, min part), k-quant blocks ≤ 12
+//! (eight lane sums, four lanes of min sums), each term formed with ≤ 3 roundings, and the
+//! terms are summed in different orders. A sum of N such terms is within (N + 3)·u·Σ|terms| of
+//! the exact value (u = 2^-24), so the two differ by ≤ 2·(N + 3)·u·Σ|terms|, N = 12·blocks + 16.
 //! Σ|terms| ≤ Σ_i (|ŵ_i| + 2|μ_i|)·|x̂_i|, where ŵ is the dequantized weight, μ its min part
 //! (the block with its quants zeroed, formats with a min only: ŵ = a + μ, |a| ≤ |ŵ| + |μ|) and
 //! x̂ the dequantized activation.
@@ -226,7 +226,7 @@ impl Bound {
                 (w.abs() as f64 + 2.0 * m.abs() as f64) * xq[i].abs() as f64
             })
             .sum();
-        let n = 9 * (cols / self.f.block_len()) + 16;
+        let n = 12 * (cols / self.f.block_len()) + 16;
         2.0 * (n + 3) as f64 * 2f64.powi(-24) * s + 1e-30
     }
 }

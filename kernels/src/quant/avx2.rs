@@ -175,17 +175,56 @@ unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     })
 }
 
-/// Scales and mins of the eight sub-blocks of a Q4_K / Q5_K super-block, and Σ bsums·mins.
+/// The twelve packed scale bytes of a Q4_K / Q5_K super-block as sixteen bytes: the eight
+/// 6-bit scales, then the eight 6-bit mins (ggml's `utmp` shuffle; the same values as
+/// `scale_min_k4`).
 #[inline(always)]
-fn k4_scales(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> ([i16; 8], i32) {
-    let mut sc = [0i16; 8];
-    let mut summ = 0i32;
-    for j in 0..8 {
-        let (s, m) = scalar::scale_min_k4(j, scales);
-        sc[j] = s as i16;
-        summ += (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32) * m as i32;
-    }
-    (sc, summ)
+fn k4_unpack(s: &[u8; K_SCALE_SIZE]) -> [u32; 4] {
+    const M1: u32 = 0x3f3f3f3f;
+    const M2: u32 = 0x0f0f0f0f;
+    const M3: u32 = 0x03030303;
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (u0, u1, u2) = (w(0), w(4), w(8));
+    [
+        u0 & M1,
+        (u2 & M2) | (((u0 >> 6) & M3) << 4),
+        u1 & M1,
+        ((u2 >> 4) & M2) | (((u1 >> 6) & M3) << 4),
+    ]
+}
+
+/// Per super-block of a Q4_K / Q5_K dot: the scales as i16 in both 128-bit lanes (for
+/// broadcasting with `scale`), and Σ bsums·mins as four i32 (pairs of 16-sums are the 32-value
+/// sub-block sums; ≤ 2·16·127 each, no i16 overflow).
+#[inline(always)]
+unsafe fn k4_prep(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> (__m256i, __m128i) {
+    let u = k4_unpack(scales);
+    let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
+        u[3] as i32,
+        u[2] as i32,
+        u[1] as i32,
+        u[0] as i32,
+    ));
+    let bs = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
+    let q8s = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bs),
+        _mm256_extracti128_si256::<1>(bs),
+    );
+    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(ms), q8s);
+    let sc = _mm256_castsi256_si128(ms);
+    (_mm256_set_m128i(sc, sc), mins)
+}
+
+/// Scale `i` (0..8) of `k4_prep`'s register in every i16 lane.
+#[inline(always)]
+unsafe fn scale(sc: __m256i, i: usize) -> __m256i {
+    _mm256_shuffle_epi8(sc, _mm256_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16))
+}
+
+#[inline(always)]
+unsafe fn hsum4(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
@@ -193,10 +232,10 @@ fn k4_scales(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> ([i16; 8]
 unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = 0f32;
+    let mut acc_m = _mm_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let (sc, summ) = k4_scales(&x.scales, &y.bsums);
-        acc_m += x.dmin.to_f32() * y.d * summ as f32;
+        let (sc, mins) = k4_prep(&x.scales, &y.bsums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(h2f(x.dmin) * y.d), _mm_cvtepi32_ps(mins), acc_m);
         let mut sumi = _mm256_setzero_si256();
         for j in 0..QK_K / 64 {
             let q4 = load(x.qs.as_ptr().add(32 * j));
@@ -204,14 +243,14 @@ unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
             let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
             let pl = _mm256_maddubs_epi16(_mm256_and_si256(q4, m4), q8l);
             let ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), q8h);
-            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), pl);
-            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1]), ph);
+            let pl = _mm256_madd_epi16(scale(sc, 2 * j), pl);
+            let ph = _mm256_madd_epi16(scale(sc, 2 * j + 1), ph);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
         let d = _mm256_set1_ps(h2f(x.d) * y.d);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc) - acc_m
+    hsum(acc) - hsum4(acc_m)
 }
 
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
@@ -220,10 +259,10 @@ unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let sixteen = _mm256_set1_epi8(16);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = 0f32;
+    let mut acc_m = _mm_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let (sc, summ) = k4_scales(&x.scales, &y.bsums);
-        acc_m += x.dmin.to_f32() * y.d * summ as f32;
+        let (sc, mins) = k4_prep(&x.scales, &y.bsums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(h2f(x.dmin) * y.d), _mm_cvtepi32_ps(mins), acc_m);
         let hb = load(x.qh.as_ptr());
         let mut sumi = _mm256_setzero_si256();
         for j in 0..QK_K / 64 {
@@ -237,17 +276,14 @@ unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
             let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), hh);
             let q8l = load(y.qs.as_ptr().add(64 * j) as _);
             let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
-            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), _mm256_maddubs_epi16(ql, q8l));
-            let ph = _mm256_madd_epi16(
-                _mm256_set1_epi16(sc[2 * j + 1]),
-                _mm256_maddubs_epi16(qh, q8h),
-            );
+            let pl = _mm256_madd_epi16(scale(sc, 2 * j), _mm256_maddubs_epi16(ql, q8l));
+            let ph = _mm256_madd_epi16(scale(sc, 2 * j + 1), _mm256_maddubs_epi16(qh, q8h));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
         let d = _mm256_set1_ps(h2f(x.d) * y.d);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc) - acc_m
+    hsum(acc) - hsum4(acc_m)
 }
 
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
