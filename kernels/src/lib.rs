@@ -307,6 +307,8 @@ pub(crate) struct Table {
     pub bf16_burn: Option<fn(usize) -> f32>,
     /// The integer dot product of a block-format weight row with quantized activations.
     pub qdot: fn(Weights<'_>, Acts<'_>) -> f32,
+    /// `qdot` of one row with four tokens' activations (each weight block unpacked once).
+    pub qdot4: fn(Weights<'_>, [Acts<'_>; 4]) -> [f32; 4],
 }
 
 /// A bf16-activation matmul: `cvt` rounds X to bf16 bits, `mm` computes columns r0..r1 of Y
@@ -389,6 +391,7 @@ static SCALAR: Table = Table {
     read: |x| x.iter().sum(),
     bf16_burn: None,
     qdot: quant::scalar::vec_dot,
+    qdot4: quant::scalar::vec_dot4,
 };
 
 fn table(isa: Isa) -> Option<&'static Table> {
@@ -1041,7 +1044,7 @@ impl Kernels {
         let f = w.format();
         check_blocks("matmul", f, k);
         let af = f.act_format().expect("block format");
-        let qdot = self.t.qdot;
+        let (qdot, qdot4) = (self.t.qdot, self.t.qdot4);
         let yp = SyncPtr(y.as_mut_ptr());
         with_acts(|buf| {
             let acts = if n * k >= PAR_MIN {
@@ -1053,8 +1056,22 @@ impl Kernels {
                 let yp = &yp; // the whole (Sync) wrapper, not its raw field
                 for t0 in (r0..r1).step_by(QT) {
                     let t1 = (t0 + QT).min(r1);
-                    for t in 0..n {
-                        let a = acts.slice(t * k, (t + 1) * k);
+                    let at = |t: usize| acts.slice(t * k, (t + 1) * k);
+                    // Four tokens at a time: each weight block unpacked once for the four.
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let a = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+                        for r in t0..t1 {
+                            let v = qdot4(w.row(r, k), a);
+                            for (i, v) in v.into_iter().enumerate() {
+                                // SAFETY: (t + i, r) lies in Y (n, m); each thread has its rows.
+                                unsafe { *yp.0.add((t + i) * m + r) = v };
+                            }
+                        }
+                        t += 4;
+                    }
+                    for t in t..n {
+                        let a = at(t);
                         for r in t0..t1 {
                             let v = qdot(w.row(r, k), a);
                             // SAFETY: (t, r) lies in Y (n, m); each thread has its own rows.

@@ -1300,10 +1300,11 @@ macro_rules! tier_table {
             $pnv,
             $bf16mm,
             $bf16burn,
-            crate::quant::scalar::vec_dot
+            crate::quant::scalar::vec_dot,
+            crate::quant::scalar::vec_dot4
         );
     };
-    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr, $qdot:expr) => {
+    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr, $qdot:expr, $qdot4:expr) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by
@@ -1405,6 +1406,7 @@ macro_rules! tier_table {
             read: |x| unsafe { read_(x) },
             bf16_burn: $bf16burn,
             qdot: $qdot,
+            qdot4: $qdot4,
         };
     };
 }

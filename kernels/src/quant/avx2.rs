@@ -230,27 +230,56 @@ unsafe fn hsum4(v: __m128) -> f32 {
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    q4_k_n::<1>(x, [y])[0]
+}
+
+/// One Q4_K row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
     let m4 = _mm256_set1_epi8(0xF);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let (sc, mins) = k4_prep(&x.scales, &y.bsums);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(h2f(x.dmin) * y.d), _mm_cvtepi32_ps(mins), acc_m);
-        let mut sumi = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc_m = [_mm_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let u = k4_unpack(&x.scales);
+        let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
+            u[3] as i32,
+            u[2] as i32,
+            u[1] as i32,
+            u[0] as i32,
+        ));
+        let mins = _mm256_extracti128_si256::<1>(ms);
+        let sc = _mm256_castsi256_si128(ms);
+        let sc = _mm256_set_m128i(sc, sc);
+        let (dx, dmx) = (h2f(x.d), h2f(x.dmin));
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for t in 0..N {
+            let y = &ys[t][i];
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bs),
+                _mm256_extracti128_si256::<1>(bs),
+            );
+            let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, q8s));
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmx * y.d), m, acc_m[t]);
+        }
         for j in 0..QK_K / 64 {
             let q4 = load(x.qs.as_ptr().add(32 * j));
-            let q8l = load(y.qs.as_ptr().add(64 * j) as _);
-            let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
-            let pl = _mm256_maddubs_epi16(_mm256_and_si256(q4, m4), q8l);
-            let ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), q8h);
-            let pl = _mm256_madd_epi16(scale(sc, 2 * j), pl);
-            let ph = _mm256_madd_epi16(scale(sc, 2 * j + 1), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let (sl, sh) = (scale(sc, 2 * j), scale(sc, 2 * j + 1));
+            for t in 0..N {
+                let q8 = ys[t][i].qs.as_ptr().add(64 * j);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load(q8 as _)));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load(q8.add(32) as _)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
         }
-        let d = _mm256_set1_ps(h2f(x.d) * y.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        for t in 0..N {
+            let d = _mm256_set1_ps(dx * ys[t][i].d);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
     }
-    hsum(acc) - hsum4(acc_m)
+    std::array::from_fn(|t| hsum(acc[t]) - hsum4(acc_m[t]))
 }
 
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
@@ -289,12 +318,18 @@ unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    q6_k_n::<1>(x, [y])[0]
+}
+
+/// One Q6_K row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let mut sumi = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let mut sumi = [_mm256_setzero_si256(); N];
         for j in 0..2 {
             let b1 = load(x.ql.as_ptr().add(64 * j));
             let b2 = load(x.ql.as_ptr().add(64 * j + 32));
@@ -319,19 +354,98 @@ unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
                 ),
             ];
             for (k, &qk) in q.iter().enumerate() {
-                let q8 = load(y.qs.as_ptr().add(128 * j + 32 * k) as _);
-                // (q + 32)·q8 - 32·q8, pairwise in i16 (≤ 2·63·127 and 2·32·127).
-                let p =
-                    _mm256_sub_epi16(_mm256_maddubs_epi16(qk, q8), _mm256_maddubs_epi16(m32, q8));
                 // Values 0..15 of the quarter use one scale, 16..31 the next.
                 let s0 = x.scales[8 * j + 2 * k] as i16;
                 let s1 = x.scales[8 * j + 2 * k + 1] as i16;
                 let sc = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
+                for t in 0..N {
+                    let q8 = load(ys[t][i].qs.as_ptr().add(128 * j + 32 * k) as _);
+                    // (q + 32)·q8 - 32·q8, pairwise in i16 (≤ 2·63·127 and 2·32·127).
+                    let p = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(qk, q8),
+                        _mm256_maddubs_epi16(m32, q8),
+                    );
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, p));
+                }
             }
         }
-        let d = _mm256_set1_ps(h2f(x.d) * y.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        let dx = h2f(x.d);
+        for t in 0..N {
+            let d = _mm256_set1_ps(dx * ys[t][i].d);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
     }
-    hsum(acc)
+    std::array::from_fn(|t| hsum(acc[t]))
+}
+
+/// One Q8_0 / Q4_0 row (`unpack` gives a block's 32 signed values and its scale) against `N`
+/// tokens' Q8_0 activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn legacy_n<B, const N: usize>(
+    x: &[B],
+    ys: [&[BlockQ8_0]; N],
+    unpack: impl Fn(&B) -> (__m256i, f32),
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let (qx, dx) = unpack(x);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let y = &ys[t][i];
+            let p = us8(ax, _mm256_sign_epi8(load(y.qs.as_ptr() as _), qx));
+            let d = _mm256_set1_ps(dx * h2f(y.d));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]))
+}
+
+/// One weight row against four tokens' activations (the prefill matmul's inner step); the
+/// same sums as four [`vec_dot`]s up to f32 rounding order.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+    for a in &a {
+        assert_eq!(w.len(), a.len(), "vec_dot4: length mismatch");
+    }
+    match (w, a) {
+        (Weights::Q4K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
+            dot4_q4_k(w, [a, b, c, d])
+        }
+        (Weights::Q6K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
+            dot4_q6_k(w, [a, b, c, d])
+        }
+        (Weights::Q8_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
+            dot4_q8_0(w, [a, b, c, d])
+        }
+        (Weights::Q4_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
+            dot4_q4_0(w, [a, b, c, d])
+        }
+        _ => a.map(|a| vec_dot(w, a)),
+    }
+}
+
+// Each its own function, as the single-token dots.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q4_k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q6_k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q8_0(x: &[BlockQ8_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    legacy_n(x, ys, |x| (load(x.qs.as_ptr() as _), h2f(x.d)))
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    legacy_n(x, ys, |x| {
+        (
+            _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8)),
+            h2f(x.d),
+        )
+    })
 }

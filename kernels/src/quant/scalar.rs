@@ -295,6 +295,11 @@ pub fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
     }
 }
 
+/// [`vec_dot`] of one row with four tokens' activations (the shape of the tiers' prefill step).
+pub fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+    a.map(|a| vec_dot(w, a))
+}
+
 fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let mut sumf = 0f32;
     for (x, y) in x.iter().zip(y) {

@@ -112,7 +112,8 @@ mod plain {
         None,
         // SAFETY: the AVX-512 tier is only handed out where the CPU also has AVX2 (checked in
         // `Isa::is_available`), FMA and F16C. No AVX-512 VNNI body: it could not be run here.
-        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) }
+        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
     );
 }
 
@@ -134,7 +135,8 @@ mod with_bf16 {
         }),
         Some(|i| unsafe { bf16dot::burn(i) }),
         // SAFETY: as in the table above.
-        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) }
+        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
     );
 }
 
