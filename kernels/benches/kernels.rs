@@ -6,7 +6,7 @@
 //! fewer). Sample counts are small: the machine is shared.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use spinfer_kernels::{bf16, f16, kernels, probe, Precision, Weights};
+use spinfer_kernels::{bf16, f16, kernels, probe, Format, Precision, Weights};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -48,6 +48,48 @@ impl Mats {
     }
 }
 
+/// Random blocks of a quantized format (pseudo-random bytes, every f16 scale set to a finite
+/// value), 2-byte aligned as in a GGUF mapping. Speed does not depend on the values.
+struct QMat {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+    f: Format,
+}
+impl QMat {
+    fn new(f: Format, rows: usize, cols: usize) -> QMat {
+        let len = f.row_bytes(cols).unwrap() * rows;
+        let mut buf: Vec<u8> = values(len.div_ceil(4), 11)
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        buf.resize(len + 1, 0);
+        let off = buf.as_ptr().align_offset(2);
+        let scales: &[usize] = match f {
+            Format::Q6K => &[208],
+            Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => &[0, 2],
+            _ => &[0],
+        };
+        let d = f16::from_f32(0.01).to_le_bytes();
+        for b in buf[off..off + len].chunks_exact_mut(f.block_bytes()) {
+            for &o in scales {
+                b[o..o + 2].copy_from_slice(&d);
+            }
+        }
+        QMat { buf, off, len, f }
+    }
+    fn w(&self) -> Weights<'_> {
+        Weights::from_bytes(self.f, &self.buf[self.off..self.off + self.len]).unwrap()
+    }
+}
+
+const QUANT: [(&str, Format); 4] = [
+    ("q8_0", Format::Q8_0),
+    ("q4_0", Format::Q4_0),
+    ("q4_k", Format::Q4K),
+    ("q6_k", Format::Q6K),
+];
+
 fn matvec(c: &mut Criterion) {
     let k = kernels();
     let mats = Mats::new(32000 * 2048);
@@ -55,6 +97,18 @@ fn matvec(c: &mut Criterion) {
     let mut g = c.benchmark_group("matvec");
     for (rows, cols) in [(2048, 2048), (5632, 2048), (32000, 2048)] {
         for (name, w) in mats.get(rows, cols) {
+            let mut y = vec![0f32; rows];
+            g.throughput(Throughput::Bytes(w.bytes() as u64));
+            g.bench_function(BenchmarkId::new(name, format!("{rows}x{cols}")), |b| {
+                b.iter(|| k.matvec(black_box(w), black_box(&x), &mut y))
+            });
+        }
+    }
+    // Block formats: GB/s of quantized bytes read (x is quantized inside each call).
+    for (rows, cols) in [(2048, 2048), (5632, 2048)] {
+        for (name, f) in QUANT {
+            let m = QMat::new(f, rows, cols);
+            let w = m.w();
             let mut y = vec![0f32; rows];
             g.throughput(Throughput::Bytes(w.bytes() as u64));
             g.bench_function(BenchmarkId::new(name, format!("{rows}x{cols}")), |b| {
@@ -96,6 +150,13 @@ fn matmul(c: &mut Criterion) {
                 b.iter(|| k.matmul_with(Precision::Bf16Dot, black_box(w), &x, n, &mut y))
             });
         }
+    }
+    for (name, f) in QUANT {
+        let qm = QMat::new(f, m, kk);
+        let w = qm.w();
+        g.bench_function(BenchmarkId::new(name, format!("{n}x{m}x{kk}")), |b| {
+            b.iter(|| k.matmul(black_box(w), &x, n, &mut y))
+        });
     }
     g.finish();
 }

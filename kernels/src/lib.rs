@@ -11,8 +11,10 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 pub use half::{bf16, f16};
+use quant::ActBuf;
 pub use quant::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, Format,
+    ActFormat, Acts, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, Format,
 };
 
 pub mod probe;
@@ -229,6 +231,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("fma")
@@ -302,6 +305,10 @@ pub(crate) struct Table {
     pub read: fn(&[f32]) -> f32,
     /// Independent bf16 dot-product chains: 12 · 64 FLOP per iteration.
     pub bf16_burn: Option<fn(usize) -> f32>,
+    /// The integer dot product of a block-format weight row with quantized activations.
+    pub qdot: fn(Weights<'_>, Acts<'_>) -> f32,
+    /// `qdot` of one row with four tokens' activations (each weight block unpacked once).
+    pub qdot4: fn(Weights<'_>, [Acts<'_>; 4]) -> [f32; 4],
 }
 
 /// A bf16-activation matmul: `cvt` rounds X to bf16 bits, `mm` computes columns r0..r1 of Y
@@ -383,6 +390,8 @@ static SCALAR: Table = Table {
     burn: scalar_burn,
     read: |x| x.iter().sum(),
     bf16_burn: None,
+    qdot: quant::scalar::vec_dot,
+    qdot4: quant::scalar::vec_dot4,
 };
 
 fn table(isa: Isa) -> Option<&'static Table> {
@@ -538,11 +547,13 @@ unsafe impl Sync for SyncPtr {}
 /// never straddles two of them. Threads (rayon's or a team's) then take blocks in turn.
 pub(crate) struct MatvecBlocks<'a> {
     parts: [(Weights<'a>, SyncPtr, usize); 4], // (W, y, rows)
+    acts: [Option<Acts<'a>>; 4],               // x quantized for block-format W
     first: [usize; 4],                         // first block of each matrix
     n: usize,
     x: &'a [f32],
     block: usize,
     f: fn(Weights<'_>, usize, &[f32], &mut [f32]),
+    qdot: fn(Weights<'_>, Acts<'_>) -> f32,
     pub count: usize,
 }
 
@@ -553,6 +564,7 @@ impl<'a> MatvecBlocks<'a> {
         k: &Kernels,
         jobs: impl Iterator<Item = (Weights<'a>, *mut f32, usize)>,
         x: &'a [f32],
+        acts: &'a ActBuf,
     ) -> MatvecBlocks<'a> {
         let cols = x.len();
         let mut mb = MatvecBlocks {
@@ -560,8 +572,10 @@ impl<'a> MatvecBlocks<'a> {
             first: [0; 4],
             n: 0,
             x,
+            acts: [None; 4],
             block: 8,
             f: k.t.matvec_ld,
+            qdot: k.t.qdot,
             count: 0,
         };
         for (w, y, rows) in jobs {
@@ -573,6 +587,12 @@ impl<'a> MatvecBlocks<'a> {
                     .max(8);
             }
             mb.parts[mb.n] = (w, SyncPtr(y), rows);
+            if let Some(f) = w.format().act_format() {
+                check_blocks("matvec", w.format(), cols);
+                let a = acts.get(f);
+                assert_eq!(a.len(), cols, "matvecs: activations not quantized");
+                mb.acts[mb.n] = Some(a);
+            }
             mb.first[mb.n] = mb.count;
             mb.count += rows.div_ceil(mb.block);
             mb.n += 1;
@@ -592,7 +612,14 @@ impl<'a> MatvecBlocks<'a> {
         let r1 = (r0 + self.block).min(rows);
         // SAFETY: block b alone writes rows r0..r1 of this y (see `new`).
         let yb = std::slice::from_raw_parts_mut(y.0.add(r0), r1 - r0);
-        (self.f)(w.slice(r0 * cols, r1 * cols), cols, self.x, yb)
+        match self.acts[i] {
+            None => (self.f)(w.slice(r0 * cols, r1 * cols), cols, self.x, yb),
+            Some(a) => {
+                for (r, yr) in (r0..r1).zip(yb) {
+                    *yr = (self.qdot)(w.row(r, cols), a);
+                }
+            }
+        }
     }
 }
 
@@ -604,6 +631,32 @@ thread_local! {
     static XB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// X packed for the outer-product path; grows to the largest (n, k) seen.
     static XP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Activations quantized for block-format weights; grows to the largest X seen.
+    static ACTS: RefCell<ActBuf> = const { RefCell::new(ActBuf::new()) };
+}
+
+/// `f` with this thread's activation buffer (a fresh one for a nested call on this thread).
+pub(crate) fn with_acts<R>(f: impl FnOnce(&mut ActBuf) -> R) -> R {
+    let mut f = Some(f);
+    let r = ACTS.with(|c| match c.try_borrow_mut() {
+        Ok(mut b) => Some((f.take().unwrap())(&mut b)),
+        Err(_) => None,
+    });
+    match r {
+        Some(r) => r,
+        None => (f.take().unwrap())(&mut ActBuf::new()),
+    }
+}
+
+/// Panics unless rows of `cols` values are whole blocks of `f`.
+#[track_caller]
+fn check_blocks(what: &str, f: Format, cols: usize) {
+    assert!(
+        cols.is_multiple_of(f.block_len()),
+        "{what}: {} weights need rows of a multiple of {} values, got {cols}",
+        f.name(),
+        f.block_len()
+    );
 }
 
 /// A weight matrix (m, k) widened to f32 and repacked once (at model load) for
@@ -697,7 +750,13 @@ impl Kernels {
     /// sum_i w[i] x[i]
     pub fn dot(&self, w: Weights<'_>, x: &[f32]) -> f32 {
         assert_eq!(w.len(), x.len(), "dot: length mismatch");
-        (self.t.dot)(w, x)
+        match w.format().act_format() {
+            None => (self.t.dot)(w, x),
+            Some(f) => {
+                check_blocks("dot", w.format(), x.len());
+                with_acts(|b| (self.t.qdot)(w, b.quantize(f, x)))
+            }
+        }
     }
 
     /// Whether this tier has the bf16 dot-product matmul ([`Precision::Bf16Dot`]).
@@ -734,6 +793,11 @@ impl Kernels {
     /// y = W x on the calling thread only (inside a [`team`], say), W's rows `ld` elements
     /// apart: `x.len()` for a packed matrix, more for a column block of a wider one.
     pub fn matvec_strided(&self, w: Weights<'_>, ld: usize, x: &[f32], y: &mut [f32]) {
+        assert!(
+            w.format().is_float(),
+            "matvec_strided: {} weights (block formats go through matvec/matvecs)",
+            w.format().name()
+        );
         assert!(ld >= x.len(), "matvec_strided: rows overlap");
         assert!(
             y.is_empty() || (y.len() - 1) * ld + x.len() <= w.len(),
@@ -745,25 +809,32 @@ impl Kernels {
     /// y_i = W_i x for up to four matrices sharing `x` (decode's q/k/v, gate/up) in one
     /// parallel pass over all their rows: one fork/join instead of several, and threads take
     /// ~256 KiB blocks of rows in turn so at the end neither waits long for the other.
+    ///
+    /// Block-format weights multiply `x` quantized once per call (per activation format the
+    /// matrices need) into a per-thread buffer reused between calls.
     pub fn matvecs(&self, jobs: &mut [(Weights<'_>, &mut [f32])], x: &[f32]) {
         let total: usize = jobs.iter().map(|j| j.0.len()).sum();
-        // SAFETY: each output is a live `&mut` slice of its length, used by nobody else here.
-        let mb = unsafe {
-            MatvecBlocks::new(
-                self,
-                jobs.iter_mut().map(|(w, y)| (*w, y.as_mut_ptr(), y.len())),
-                x,
-            )
-        };
-        if rayon::current_num_threads() <= 1 || total < PAR_MIN {
-            // SAFETY: one block at a time.
-            (0..mb.count).for_each(|b| unsafe { mb.run(b) });
-        } else {
-            // SAFETY: rayon runs each block once.
-            (0..mb.count)
-                .into_par_iter()
-                .for_each(|b| unsafe { mb.run(b) });
-        }
+        with_acts(|buf| {
+            let acts = buf.fill_for(jobs.iter().map(|j| j.0.format()), x);
+            // SAFETY: each output is a live `&mut` slice of its length, used by nobody else here.
+            let mb = unsafe {
+                MatvecBlocks::new(
+                    self,
+                    jobs.iter_mut().map(|(w, y)| (*w, y.as_mut_ptr(), y.len())),
+                    x,
+                    acts,
+                )
+            };
+            if rayon::current_num_threads() <= 1 || total < PAR_MIN {
+                // SAFETY: one block at a time.
+                (0..mb.count).for_each(|b| unsafe { mb.run(b) });
+            } else {
+                // SAFETY: rayon runs each block once.
+                (0..mb.count)
+                    .into_par_iter()
+                    .for_each(|b| unsafe { mb.run(b) });
+            }
+        })
     }
 
     /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`, with the process default
@@ -791,6 +862,9 @@ impl Kernels {
         let (k, m) = (x.len() / n, y.len() / n);
         if n == 1 {
             return self.matvec(w, x, y);
+        }
+        if !w.format().is_float() {
+            return self.matmul_quant(w, x, n, k, m, y);
         }
         #[cfg(target_arch = "x86_64")]
         if let (Precision::Amx, Weights::Bf16(_), Isa::Avx512) = (prec, w, self.isa) {
@@ -982,6 +1056,61 @@ impl Kernels {
         })
     }
 
+    /// Y = X Wᵀ for block-format W: each token row of X quantized once (in parallel), then
+    /// tiles of `QT` weight rows × all tokens, so a tile of W is read from memory once and
+    /// from cache for every token; rows are split over the pool as in [`Kernels::run_matmul`].
+    fn matmul_quant(&self, w: Weights<'_>, x: &[f32], n: usize, k: usize, m: usize, y: &mut [f32]) {
+        const QT: usize = 16;
+        let f = w.format();
+        check_blocks("matmul", f, k);
+        let af = f.act_format().expect("block format");
+        let (qdot, qdot4) = (self.t.qdot, self.t.qdot4);
+        let yp = SyncPtr(y.as_mut_ptr());
+        with_acts(|buf| {
+            let acts = if n * k >= PAR_MIN {
+                buf.quantize_par(af, x, k)
+            } else {
+                buf.quantize(af, x)
+            };
+            let rows = |r0: usize, r1: usize| {
+                let yp = &yp; // the whole (Sync) wrapper, not its raw field
+                for t0 in (r0..r1).step_by(QT) {
+                    let t1 = (t0 + QT).min(r1);
+                    let at = |t: usize| acts.slice(t * k, (t + 1) * k);
+                    // Four tokens at a time: each weight block unpacked once for the four.
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let a = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+                        for r in t0..t1 {
+                            let v = qdot4(w.row(r, k), a);
+                            for (i, v) in v.into_iter().enumerate() {
+                                // SAFETY: (t + i, r) lies in Y (n, m); each thread has its rows.
+                                unsafe { *yp.0.add((t + i) * m + r) = v };
+                            }
+                        }
+                        t += 4;
+                    }
+                    for t in t..n {
+                        let a = at(t);
+                        for r in t0..t1 {
+                            let v = qdot(w.row(r, k), a);
+                            // SAFETY: (t, r) lies in Y (n, m); each thread has its own rows.
+                            unsafe { *yp.0.add(t * m + r) = v };
+                        }
+                    }
+                }
+            };
+            let threads = rayon::current_num_threads();
+            if threads <= 1 || n * k * m < PAR_MIN || m < 32 {
+                return rows(0, m);
+            }
+            let chunk = m.div_ceil(threads * 4).next_multiple_of(QT);
+            (0..m.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| rows(c * chunk, ((c + 1) * chunk).min(m)));
+        })
+    }
+
     /// Split Y's columns (W's rows) over the pool: each W row is read by one thread only.
     /// Chunks are multiples of `align` rows (whole tiles), about four per thread.
     fn run_matmul(&self, f: fn(&MatmulJob<'_>, usize, usize), job: &MatmulJob<'_>, align: usize) {
@@ -1054,7 +1183,11 @@ impl Kernels {
     /// Widen any weight dtype to f32.
     pub fn to_f32(&self, w: Weights<'_>, out: &mut [f32]) {
         assert_eq!(w.len(), out.len());
-        (self.t.to_f32)(w, out)
+        if w.format().is_float() {
+            (self.t.to_f32)(w, out)
+        } else {
+            quant::scalar::dequantize(w, out)
+        }
     }
 }
 

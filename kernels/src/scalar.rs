@@ -14,8 +14,15 @@ pub fn weight_at(w: Weights<'_>, i: usize) -> f32 {
     }
 }
 
-/// sum_i w[i] * x[i], accumulated in f64 so the oracle is more exact than any tier.
+/// sum_i w[i] * x[i], accumulated in f64 so the oracle is more exact than any tier. Block
+/// formats are dequantized first (this is the float oracle; `quant::scalar::vec_dot` is the
+/// integer one).
 pub fn dot(w: Weights<'_>, x: &[f32]) -> f32 {
+    if !w.format().is_float() {
+        let mut v = vec![0f32; w.len()];
+        crate::quant::scalar::dequantize(w, &mut v);
+        return dot(Weights::F32(&v), x);
+    }
     let mut acc = 0f64;
     for (i, &xi) in x.iter().enumerate() {
         acc += weight_at(w, i) as f64 * xi as f64;
@@ -167,6 +174,9 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 pub fn to_f32(w: Weights<'_>, out: &mut [f32]) {
+    if !w.format().is_float() {
+        return crate::quant::scalar::dequantize(w, out);
+    }
     for (i, o) in out.iter_mut().enumerate() {
         *o = weight_at(w, i);
     }

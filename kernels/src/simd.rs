@@ -1288,6 +1288,23 @@ pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
 /// `$pt`/`$pnv` the pre-packed-weights tile (tokens × vectors of output columns).
 macro_rules! tier_table {
     ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr) => {
+        crate::simd::tier_table!(
+            $name,
+            $S,
+            $attr,
+            $rt,
+            $tt,
+            $mr,
+            $nv,
+            $pt,
+            $pnv,
+            $bf16mm,
+            $bf16burn,
+            crate::quant::scalar::vec_dot,
+            crate::quant::scalar::vec_dot4
+        );
+    };
+    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr, $qdot:expr, $qdot4:expr) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by
@@ -1388,6 +1405,8 @@ macro_rules! tier_table {
             burn: |i| unsafe { burn_(i) },
             read: |x| unsafe { read_(x) },
             bf16_burn: $bf16burn,
+            qdot: $qdot,
+            qdot4: $qdot4,
         };
     };
 }

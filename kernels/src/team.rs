@@ -153,12 +153,19 @@ impl Team<'_> {
     }
 
     /// y_i = W_i x for up to four matrices sharing `x`, the rows shared out in ~256 KiB
-    /// blocks (see [`Kernels::matvecs`]); ends with a barrier.
+    /// blocks (see [`Kernels::matvecs`]); ends with a barrier. Block-format weights: every
+    /// thread quantizes `x` itself, into its own reused buffer.
     pub fn matvecs(&self, k: &Kernels, jobs: &[(Weights<'_>, Shared<'_>)], x: &[f32]) {
-        // SAFETY: between barriers the team writes these outputs only through the blocks.
-        let mb = unsafe { MatvecBlocks::new(k, jobs.iter().map(|(w, y)| (*w, y.ptr, y.len)), x) };
-        // SAFETY: `share` hands each block to one thread.
-        self.share(mb.count, |b| unsafe { mb.run(b) });
+        // Each thread quantizes x (small) for block formats into its own buffer: no barrier.
+        crate::with_acts(|buf| {
+            let acts = buf.fill_for(jobs.iter().map(|j| j.0.format()), x);
+            // SAFETY: between barriers the team writes these outputs only through the blocks.
+            let mb = unsafe {
+                MatvecBlocks::new(k, jobs.iter().map(|(w, y)| (*w, y.ptr, y.len)), x, acts)
+            };
+            // SAFETY: `share` hands each block to one thread.
+            self.share(mb.count, |b| unsafe { mb.run(b) });
+        })
     }
 }
 

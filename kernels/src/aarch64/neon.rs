@@ -102,6 +102,8 @@ impl Simd for Neon {
     }
 }
 
+// Block formats: the oracle's integer dots (`quant::scalar::vec_dot`, the macro's default)
+// for now. TODO: a NEON body (`vdotq_s32` where the CPU has dotprod, as ggml's arm quants.c).
 crate::simd::tier_table!(
     TABLE,
     Neon,

@@ -215,6 +215,15 @@ pub struct BlockQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
+/// Activations for the Q4_1 / Q5_1 dot products: 32 values `d * q`, and `s = d * Σq`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_1 {
+    pub d: f16,
+    pub s: f16,
+    pub qs: [i8; QK],
+}
+
 // The sizes llama.cpp asserts in ggml-common.h: a GGUF's bytes are these structs.
 const _: () = assert!(size_of::<BlockQ8_0>() == 2 + QK);
 const _: () = assert!(size_of::<BlockQ4_0>() == 2 + QK / 2);
@@ -225,9 +234,195 @@ const _: () = assert!(size_of::<BlockQ4K>() == 4 + K_SCALE_SIZE + QK_K / 2);
 const _: () = assert!(size_of::<BlockQ5K>() == 4 + K_SCALE_SIZE + QK_K / 8 + QK_K / 2);
 const _: () = assert!(size_of::<BlockQ6K>() == 2 + QK_K / 16 + 3 * QK_K / 4);
 const _: () = assert!(size_of::<BlockQ8K>() == 4 + QK_K + 2 * QK_K / 16);
+const _: () = assert!(size_of::<BlockQ8_1>() == 4 + QK);
 // Blocks are read in place from a mapping where GGUF guarantees only 2-byte (f16) alignment
 // within a tensor; none may need more.
 const _: () = assert!(align_of::<BlockQ6K>() == 2 && align_of::<BlockQ4K>() == 2);
 const _: () = assert!(align_of::<BlockQ8_0>() == 2 && align_of::<BlockQ5_1>() == 2);
 
+/// How activations are quantized for the integer dot product with a weight format (llama.cpp's
+/// `vec_dot_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+impl Format {
+    /// The activation format of the integer dot product, `None` for float formats.
+    pub const fn act_format(self) -> Option<ActFormat> {
+        match self {
+            Format::F32 | Format::F16 | Format::Bf16 => None,
+            Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => Some(ActFormat::Q8_0),
+            Format::Q4_1 | Format::Q5_1 => Some(ActFormat::Q8_1),
+            Format::Q4K | Format::Q5K | Format::Q6K => Some(ActFormat::Q8K),
+        }
+    }
+}
+
+impl ActFormat {
+    /// Values per block.
+    pub const fn block_len(self) -> usize {
+        match self {
+            ActFormat::Q8_0 | ActFormat::Q8_1 => QK,
+            ActFormat::Q8K => QK_K,
+        }
+    }
+}
+
+/// Quantized activations (one or more rows of blocks), borrowed.
+#[derive(Clone, Copy, Debug)]
+pub enum Acts<'a> {
+    Q8_0(&'a [BlockQ8_0]),
+    Q8_1(&'a [BlockQ8_1]),
+    Q8K(&'a [BlockQ8K]),
+}
+
+impl<'a> Acts<'a> {
+    pub fn format(&self) -> ActFormat {
+        match self {
+            Acts::Q8_0(_) => ActFormat::Q8_0,
+            Acts::Q8_1(_) => ActFormat::Q8_1,
+            Acts::Q8K(_) => ActFormat::Q8K,
+        }
+    }
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            Acts::Q8_0(a) => a.len() * QK,
+            Acts::Q8_1(a) => a.len() * QK,
+            Acts::Q8K(a) => a.len() * QK_K,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Values `start..end`; both on block boundaries.
+    pub fn slice(&self, start: usize, end: usize) -> Acts<'a> {
+        let b = self.format().block_len();
+        assert!(
+            start.is_multiple_of(b) && end.is_multiple_of(b),
+            "Acts::slice: {start}..{end} splits a block"
+        );
+        match *self {
+            Acts::Q8_0(a) => Acts::Q8_0(&a[start / b..end / b]),
+            Acts::Q8_1(a) => Acts::Q8_1(&a[start / b..end / b]),
+            Acts::Q8K(a) => Acts::Q8K(&a[start / b..end / b]),
+        }
+    }
+}
+
+/// Owned buffers for quantized activations, one per activation format, grown as needed and
+/// reused between calls (the kernels keep one per thread).
+#[derive(Default)]
+pub struct ActBuf {
+    q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+    q8k: Vec<BlockQ8K>,
+}
+
+impl ActBuf {
+    pub const fn new() -> ActBuf {
+        ActBuf {
+            q8_0: Vec::new(),
+            q8_1: Vec::new(),
+            q8k: Vec::new(),
+        }
+    }
+
+    /// `x` (any number of rows, each a whole number of blocks) quantized to `f` with the
+    /// oracle's quantizer, in this buffer.
+    pub fn quantize(&mut self, f: ActFormat, x: &[f32]) -> Acts<'_> {
+        self.fill(f, x);
+        self.get(f)
+    }
+
+    /// Quantize `x` to `f` into this buffer (read it back with [`ActBuf::get`]); other
+    /// formats' contents stay.
+    pub fn fill(&mut self, f: ActFormat, x: &[f32]) {
+        assert!(
+            x.len().is_multiple_of(f.block_len()),
+            "quantize: {} values are not whole {}-value blocks",
+            x.len(),
+            f.block_len()
+        );
+        let n = x.len() / f.block_len();
+        match f {
+            ActFormat::Q8_0 => {
+                self.q8_0.resize(n, scalar::ZERO_Q8_0);
+                scalar::quantize_q8_0(x, &mut self.q8_0);
+            }
+            ActFormat::Q8_1 => {
+                self.q8_1.resize(n, scalar::ZERO_Q8_1);
+                scalar::quantize_q8_1(x, &mut self.q8_1);
+            }
+            ActFormat::Q8K => {
+                self.q8k.resize(n, scalar::ZERO_Q8K);
+                scalar::quantize_q8_k(x, &mut self.q8k);
+            }
+        }
+    }
+
+    /// `x` quantized to every activation format the given weight formats need; returns self
+    /// to read them with [`ActBuf::get`].
+    pub fn fill_for(&mut self, formats: impl Iterator<Item = Format>, x: &[f32]) -> &ActBuf {
+        let mut done = [false; 3];
+        for f in formats {
+            if let Some(af) = f.act_format() {
+                if x.len().is_multiple_of(af.block_len()) && !done[af as usize] {
+                    done[af as usize] = true;
+                    self.fill(af, x);
+                }
+            }
+        }
+        self
+    }
+
+    /// The last activations quantized to `f`.
+    pub fn get(&self, f: ActFormat) -> Acts<'_> {
+        match f {
+            ActFormat::Q8_0 => Acts::Q8_0(&self.q8_0),
+            ActFormat::Q8_1 => Acts::Q8_1(&self.q8_1),
+            ActFormat::Q8K => Acts::Q8K(&self.q8k),
+        }
+    }
+
+    /// As [`ActBuf::quantize`], rows quantized in parallel on the thread pool (prefill's X).
+    pub fn quantize_par(&mut self, f: ActFormat, x: &[f32], row: usize) -> Acts<'_> {
+        use rayon::prelude::*;
+        assert!(row > 0 && row.is_multiple_of(f.block_len()) && x.len().is_multiple_of(row));
+        let n = x.len() / f.block_len();
+        let bpr = row / f.block_len();
+        match f {
+            ActFormat::Q8_0 => {
+                self.q8_0.resize(n, scalar::ZERO_Q8_0);
+                self.q8_0
+                    .par_chunks_mut(bpr)
+                    .zip(x.par_chunks(row))
+                    .for_each(|(o, x)| scalar::quantize_q8_0(x, o));
+                Acts::Q8_0(&self.q8_0)
+            }
+            ActFormat::Q8_1 => {
+                self.q8_1.resize(n, scalar::ZERO_Q8_1);
+                self.q8_1
+                    .par_chunks_mut(bpr)
+                    .zip(x.par_chunks(row))
+                    .for_each(|(o, x)| scalar::quantize_q8_1(x, o));
+                Acts::Q8_1(&self.q8_1)
+            }
+            ActFormat::Q8K => {
+                self.q8k.resize(n, scalar::ZERO_Q8K);
+                self.q8k
+                    .par_chunks_mut(bpr)
+                    .zip(x.par_chunks(row))
+                    .for_each(|(o, x)| scalar::quantize_q8_k(x, o));
+                Acts::Q8K(&self.q8k)
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
 pub mod scalar;

@@ -102,5 +102,8 @@ crate::simd::tier_table!(
     6,
     2,
     None,
-    None
+    None,
+    // SAFETY: this table is only handed out where the CPU has AVX2, FMA and F16C.
+    |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+    |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
 );

@@ -109,7 +109,11 @@ mod plain {
         12,
         2,
         None,
-        None
+        None,
+        // SAFETY: the AVX-512 tier is only handed out where the CPU also has AVX2 (checked in
+        // `Isa::is_available`), FMA and F16C. No AVX-512 VNNI body: it could not be run here.
+        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
     );
 }
 
@@ -129,7 +133,10 @@ mod with_bf16 {
             cvt: |x, o| unsafe { bf16dot::cvt(x, o) },
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
         }),
-        Some(|i| unsafe { bf16dot::burn(i) })
+        Some(|i| unsafe { bf16dot::burn(i) }),
+        // SAFETY: as in the table above.
+        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
     );
 }
 

@@ -1,0 +1,451 @@
+//! AVX2 integer dot products of weight blocks with quantized activations, the approach of
+//! ggml's `arch/x86/quants.c`: unpack weights to bytes, `vpmaddubsw` (unsigned × signed bytes
+//! → i16 pairs) then `vpmaddwd` (→ i32, with ones or the sub-block scales), one f32 FMA per
+//! block. The integer sums equal the oracle's exactly; only the f32 scale products and their
+//! summation order differ (see `tests/quant.rs`).
+//!
+//! `vpmaddubsw` saturates at ±32767; no pair here comes near it: |w| ≤ 128 (Q8_0) or ≤ 63 with
+//! |q8| ≤ 127 (activations never hold -128: every quantizer here maps to -127..=127), so a
+//! pair is ≤ 2·128·127 = 32512. Used by the AVX-512 tier too (every AVX-512 CPU has AVX2).
+
+use super::*;
+use crate::Weights;
+use core::arch::x86_64::*;
+use half::f16;
+
+/// The tier's dot product (same contract as [`super::scalar::vec_dot`]).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot: length mismatch");
+    match (w, a) {
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => dot_q8_0(w, a),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => dot_q4_0(w, a),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => dot_q5_0(w, a),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => dot_q4_1(w, a),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => dot_q5_1(w, a),
+        (Weights::Q4K(w), Acts::Q8K(a)) => dot_q4_k(w, a),
+        (Weights::Q5K(w), Acts::Q8K(a)) => dot_q5_k(w, a),
+        (Weights::Q6K(w), Acts::Q8K(a)) => dot_q6_k(w, a),
+        _ => panic!(
+            "vec_dot: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        ),
+    }
+}
+
+#[inline(always)]
+unsafe fn h2f(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// 32 nibbles → 32 bytes: the low nibbles of the 16 bytes, then their high nibbles.
+#[inline(always)]
+unsafe fn nibbles(p: &[u8; 16]) -> __m256i {
+    let t = _mm_loadu_si128(p.as_ptr() as *const __m128i);
+    let b = _mm256_set_m128i(_mm_srli_epi16::<4>(t), t);
+    _mm256_and_si256(b, _mm256_set1_epi8(0xF))
+}
+
+/// 32 bits → 32 bytes, 0xFF where bit j is set.
+#[inline(always)]
+unsafe fn bits(qh: [u8; 4]) -> __m256i {
+    let x = _mm256_set1_epi32(i32::from_le_bytes(qh));
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let b = _mm256_shuffle_epi8(x, shuf);
+    let b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
+}
+
+/// Σ pairs of unsigned `a` × signed `b` bytes, as eight i32.
+#[inline(always)]
+unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// Σ pairs of signed × signed bytes (the sign moved onto `b`), as eight i32.
+#[inline(always)]
+unsafe fn i8s(a: __m256i, b: __m256i) -> __m256i {
+    us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ over blocks of scale × (eight i32 lane sums) + extra, two blocks per step into two
+/// accumulators (one FMA chain would bound the loop by its latency).
+#[inline(always)]
+unsafe fn blocks<B, A, const EXTRA: bool>(
+    x: &[B],
+    y: &[A],
+    blk: impl Fn(&B, &A) -> (f32, __m256i, f32),
+) -> f32 {
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut e0, mut e1) = (0f32, 0f32);
+    let n = x.len().min(y.len());
+    let mut i = 0;
+    while i + 2 <= n {
+        let (d0, p0, m0) = blk(&x[i], &y[i]);
+        let (d1, p1, m1) = blk(&x[i + 1], &y[i + 1]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(p1), acc1);
+        if EXTRA {
+            e0 += m0;
+            e1 += m1;
+        }
+        i += 2;
+    }
+    if i < n {
+        let (d0, p0, m0) = blk(&x[i], &y[i]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
+        if EXTRA {
+            e0 += m0;
+        }
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + (e0 + e1)
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    blocks::<_, _, false>(x, y, |x, y| {
+        let p = i8s(load(x.qs.as_ptr() as _), load(y.qs.as_ptr() as _));
+        (h2f(x.d) * h2f(y.d), p, 0.0)
+    })
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    blocks::<_, _, false>(x, y, |x, y| {
+        let qx = _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8));
+        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
+    })
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    blocks::<_, _, false>(x, y, |x, y| {
+        // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
+        let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
+    })
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    blocks::<_, _, true>(x, y, |x, y| {
+        let p = us8(nibbles(&x.qs), load(y.qs.as_ptr() as _));
+        (h2f(x.d) * h2f(y.d), p, h2f(x.m) * h2f(y.s))
+    })
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    blocks::<_, _, true>(x, y, |x, y| {
+        let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
+        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        (
+            h2f(x.d) * h2f(y.d),
+            us8(qx, load(y.qs.as_ptr() as _)),
+            h2f(x.m) * h2f(y.s),
+        )
+    })
+}
+
+/// The twelve packed scale bytes of a Q4_K / Q5_K super-block as sixteen bytes: the eight
+/// 6-bit scales, then the eight 6-bit mins (ggml's `utmp` shuffle; the same values as
+/// `scale_min_k4`).
+#[inline(always)]
+fn k4_unpack(s: &[u8; K_SCALE_SIZE]) -> [u32; 4] {
+    const M1: u32 = 0x3f3f3f3f;
+    const M2: u32 = 0x0f0f0f0f;
+    const M3: u32 = 0x03030303;
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (u0, u1, u2) = (w(0), w(4), w(8));
+    [
+        u0 & M1,
+        (u2 & M2) | (((u0 >> 6) & M3) << 4),
+        u1 & M1,
+        ((u2 >> 4) & M2) | (((u1 >> 6) & M3) << 4),
+    ]
+}
+
+/// Per super-block of a Q4_K / Q5_K dot: the scales as i16 in both 128-bit lanes (for
+/// broadcasting with `scale`), and Σ bsums·mins as four i32 (pairs of 16-sums are the 32-value
+/// sub-block sums; ≤ 2·16·127 each, no i16 overflow).
+#[inline(always)]
+unsafe fn k4_prep(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> (__m256i, __m128i) {
+    let u = k4_unpack(scales);
+    let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
+        u[3] as i32,
+        u[2] as i32,
+        u[1] as i32,
+        u[0] as i32,
+    ));
+    let bs = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
+    let q8s = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bs),
+        _mm256_extracti128_si256::<1>(bs),
+    );
+    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(ms), q8s);
+    let sc = _mm256_castsi256_si128(ms);
+    (_mm256_set_m128i(sc, sc), mins)
+}
+
+/// Scale `i` (0..8) of `k4_prep`'s register in every i16 lane.
+#[inline(always)]
+unsafe fn scale(sc: __m256i, i: usize) -> __m256i {
+    _mm256_shuffle_epi8(sc, _mm256_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16))
+}
+
+#[inline(always)]
+unsafe fn hsum4(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    q4_k_n::<1>(x, [y])[0]
+}
+
+/// One Q4_K row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc_m = [_mm_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let u = k4_unpack(&x.scales);
+        let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
+            u[3] as i32,
+            u[2] as i32,
+            u[1] as i32,
+            u[0] as i32,
+        ));
+        let mins = _mm256_extracti128_si256::<1>(ms);
+        let sc = _mm256_castsi256_si128(ms);
+        let sc = _mm256_set_m128i(sc, sc);
+        let (dx, dmx) = (h2f(x.d), h2f(x.dmin));
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for t in 0..N {
+            let y = &ys[t][i];
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bs),
+                _mm256_extracti128_si256::<1>(bs),
+            );
+            let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, q8s));
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmx * y.d), m, acc_m[t]);
+        }
+        for j in 0..QK_K / 64 {
+            let q4 = load(x.qs.as_ptr().add(32 * j));
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let (sl, sh) = (scale(sc, 2 * j), scale(sc, 2 * j + 1));
+            for t in 0..N {
+                let q8 = ys[t][i].qs.as_ptr().add(64 * j);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load(q8 as _)));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load(q8.add(32) as _)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for t in 0..N {
+            let d = _mm256_set1_ps(dx * ys[t][i].d);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]) - hsum4(acc_m[t]))
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(0xF);
+    let sixteen = _mm256_set1_epi8(16);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let (sc, mins) = k4_prep(&x.scales, &y.bsums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(h2f(x.dmin) * y.d), _mm_cvtepi32_ps(mins), acc_m);
+        let hb = load(x.qh.as_ptr());
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 64 {
+            let q4 = load(x.qs.as_ptr().add(32 * j));
+            // Bit 2j of qh[l] is the fifth bit of value l of the low half, bit 2j+1 of the high.
+            let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
+            let mh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
+            let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, ml), ml), sixteen);
+            let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, mh), mh), sixteen);
+            let ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
+            let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), hh);
+            let q8l = load(y.qs.as_ptr().add(64 * j) as _);
+            let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
+            let pl = _mm256_madd_epi16(scale(sc, 2 * j), _mm256_maddubs_epi16(ql, q8l));
+            let ph = _mm256_madd_epi16(scale(sc, 2 * j + 1), _mm256_maddubs_epi16(qh, q8h));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let d = _mm256_set1_ps(h2f(x.d) * y.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc) - hsum4(acc_m)
+}
+
+// Its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    q6_k_n::<1>(x, [y])[0]
+}
+
+/// One Q6_K row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..2 {
+            let b1 = load(x.ql.as_ptr().add(64 * j));
+            let b2 = load(x.ql.as_ptr().add(64 * j + 32));
+            let bh = load(x.qh.as_ptr().add(32 * j));
+            // Values 0..63 (the stored q + 32) of the four quarters of this 128.
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(b1, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(b2, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
+                ),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                // Values 0..15 of the quarter use one scale, 16..31 the next.
+                let s0 = x.scales[8 * j + 2 * k] as i16;
+                let s1 = x.scales[8 * j + 2 * k + 1] as i16;
+                let sc = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                for t in 0..N {
+                    let q8 = load(ys[t][i].qs.as_ptr().add(128 * j + 32 * k) as _);
+                    // (q + 32)·q8 - 32·q8, pairwise in i16 (≤ 2·63·127 and 2·32·127).
+                    let p = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(qk, q8),
+                        _mm256_maddubs_epi16(m32, q8),
+                    );
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, p));
+                }
+            }
+        }
+        let dx = h2f(x.d);
+        for t in 0..N {
+            let d = _mm256_set1_ps(dx * ys[t][i].d);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]))
+}
+
+/// One Q8_0 / Q4_0 row (`unpack` gives a block's 32 signed values and its scale) against `N`
+/// tokens' Q8_0 activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn legacy_n<B, const N: usize>(
+    x: &[B],
+    ys: [&[BlockQ8_0]; N],
+    unpack: impl Fn(&B) -> (__m256i, f32),
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let (qx, dx) = unpack(x);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let y = &ys[t][i];
+            let p = us8(ax, _mm256_sign_epi8(load(y.qs.as_ptr() as _), qx));
+            let d = _mm256_set1_ps(dx * h2f(y.d));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]))
+}
+
+/// One weight row against four tokens' activations (the prefill matmul's inner step); the
+/// same sums as four [`vec_dot`]s up to f32 rounding order.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+    for a in &a {
+        assert_eq!(w.len(), a.len(), "vec_dot4: length mismatch");
+    }
+    match (w, a) {
+        (Weights::Q4K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
+            dot4_q4_k(w, [a, b, c, d])
+        }
+        (Weights::Q6K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
+            dot4_q6_k(w, [a, b, c, d])
+        }
+        (Weights::Q8_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
+            dot4_q8_0(w, [a, b, c, d])
+        }
+        (Weights::Q4_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
+            dot4_q4_0(w, [a, b, c, d])
+        }
+        _ => a.map(|a| vec_dot(w, a)),
+    }
+}
+
+// Each its own function, as the single-token dots.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q4_k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q6_k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q8_0(x: &[BlockQ8_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    legacy_n(x, ys, |x| (load(x.qs.as_ptr() as _), h2f(x.d)))
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    legacy_n(x, ys, |x| {
+        (
+            _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8)),
+            h2f(x.d),
+        )
+    })
+}

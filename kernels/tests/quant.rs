@@ -1,0 +1,625 @@
+//! Block formats: the oracle (`quant/scalar.rs`) against gguf-py, its int8 path against an f64
+//! float dot, and every tier's products against the oracle.
+//!
+//! Tier vs oracle bound. Both quantize x with the same (oracle) code, so they hold the same
+//! activation blocks, and both form the same integer sums exactly (i32, far from overflow;
+//! `vpmaddubsw` never saturates, see `quant/avx2.rs`). They differ only in the f32 work after:
+//! each block contributes ≤ 2 terms (scale product × integer, min part), k-quant blocks ≤ 12
+//! (eight lane sums, four lanes of min sums), each term formed with ≤ 3 roundings, and the
+//! terms are summed in different orders. A sum of N such terms is within (N + 3)·u·Σ|terms| of
+//! the exact value (u = 2^-24), so the two differ by ≤ 2·(N + 3)·u·Σ|terms|, N = 12·blocks + 16.
+//! Σ|terms| ≤ Σ_i (|ŵ_i| + 2|μ_i|)·|x̂_i|, where ŵ is the dequantized weight, μ its min part
+//! (the block with its quants zeroed, formats with a min only: ŵ = a + μ, |a| ≤ |ŵ| + |μ|) and
+//! x̂ the dequantized activation.
+
+use serde_json::Value;
+use spinfer_kernels::quant::{scalar as q, ActBuf};
+use spinfer_kernels::team::{self, Shared};
+use spinfer_kernels::{
+    f16, scalar, ActFormat, Acts, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8_0, Format, Isa, Kernels, Weights,
+};
+
+mod common;
+use common::Rng;
+
+const BLOCK_FORMATS: [Format; 8] = [
+    Format::Q8_0,
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q5_0,
+    Format::Q5_1,
+    Format::Q4K,
+    Format::Q5K,
+    Format::Q6K,
+];
+
+fn tiers() -> Vec<Kernels> {
+    Isa::available()
+        .into_iter()
+        .map(|i| Kernels::for_isa(i).expect("available tier must load"))
+        .collect()
+}
+
+/// Owned blocks of one format.
+#[derive(Clone)]
+enum Store {
+    Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+fn bytes<const N: usize>(rng: &mut Rng) -> [u8; N] {
+    std::array::from_fn(|_| rng.next() as u8)
+}
+
+/// A scale of the size real files hold, sign random when `signed`.
+fn scale(rng: &mut Rng, signed: bool) -> f16 {
+    let v = 1e-3 + rng.f(1.0).abs() * 2e-2;
+    f16::from_f32(if signed && rng.next() & 1 == 1 { -v } else { v })
+}
+
+impl Store {
+    /// `n` random blocks: random quant bits, finite scales.
+    fn random(f: Format, n: usize, rng: &mut Rng) -> Store {
+        match f {
+            Format::Q8_0 => Store::Q8_0(
+                (0..n)
+                    .map(|_| BlockQ8_0 {
+                        d: scale(rng, true),
+                        qs: bytes::<32>(rng).map(|b| b as i8),
+                    })
+                    .collect(),
+            ),
+            Format::Q4_0 => Store::Q4_0(
+                (0..n)
+                    .map(|_| BlockQ4_0 {
+                        d: scale(rng, true),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q4_1 => Store::Q4_1(
+                (0..n)
+                    .map(|_| BlockQ4_1 {
+                        d: scale(rng, false),
+                        m: f16::from_f32(-scale(rng, false).to_f32() * 8.0),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q5_0 => Store::Q5_0(
+                (0..n)
+                    .map(|_| BlockQ5_0 {
+                        d: scale(rng, true),
+                        qh: bytes(rng),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q5_1 => Store::Q5_1(
+                (0..n)
+                    .map(|_| BlockQ5_1 {
+                        d: scale(rng, false),
+                        m: f16::from_f32(-scale(rng, false).to_f32() * 16.0),
+                        qh: bytes(rng),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q4K => Store::Q4K(
+                (0..n)
+                    .map(|_| BlockQ4K {
+                        d: f16::from_f32(scale(rng, false).to_f32() / 16.0),
+                        dmin: f16::from_f32(scale(rng, false).to_f32() / 16.0),
+                        scales: bytes(rng),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q5K => Store::Q5K(
+                (0..n)
+                    .map(|_| BlockQ5K {
+                        d: f16::from_f32(scale(rng, false).to_f32() / 16.0),
+                        dmin: f16::from_f32(scale(rng, false).to_f32() / 16.0),
+                        scales: bytes(rng),
+                        qh: bytes(rng),
+                        qs: bytes(rng),
+                    })
+                    .collect(),
+            ),
+            Format::Q6K => Store::Q6K(
+                (0..n)
+                    .map(|_| BlockQ6K {
+                        ql: bytes(rng),
+                        qh: bytes(rng),
+                        scales: bytes::<16>(rng).map(|b| b as i8),
+                        d: f16::from_f32(scale(rng, true).to_f32() / 64.0),
+                    })
+                    .collect(),
+            ),
+            _ => unreachable!("float format"),
+        }
+    }
+
+    fn w(&self) -> Weights<'_> {
+        match self {
+            Store::Q8_0(b) => Weights::Q8_0(b),
+            Store::Q4_0(b) => Weights::Q4_0(b),
+            Store::Q4_1(b) => Weights::Q4_1(b),
+            Store::Q5_0(b) => Weights::Q5_0(b),
+            Store::Q5_1(b) => Weights::Q5_1(b),
+            Store::Q4K(b) => Weights::Q4K(b),
+            Store::Q5K(b) => Weights::Q5K(b),
+            Store::Q6K(b) => Weights::Q6K(b),
+        }
+    }
+
+    /// The min part μ of each value (the block with its quants zeroed), 0 where the format has
+    /// no min.
+    fn mins(&self) -> Vec<f32> {
+        let mut z = self.clone();
+        match &mut z {
+            Store::Q4_1(b) => b.iter_mut().for_each(|b| b.qs = [0; 16]),
+            Store::Q5_1(b) => b.iter_mut().for_each(|b| (b.qs, b.qh) = ([0; 16], [0; 4])),
+            Store::Q4K(b) => b.iter_mut().for_each(|b| b.qs = [0; 128]),
+            Store::Q5K(b) => b
+                .iter_mut()
+                .for_each(|b| (b.qs, b.qh) = ([0; 128], [0; 32])),
+            _ => return vec![0.0; self.w().len()],
+        }
+        deq(z.w())
+    }
+}
+
+fn deq(w: Weights<'_>) -> Vec<f32> {
+    let mut v = vec![0f32; w.len()];
+    q::dequantize(w, &mut v);
+    v
+}
+
+/// Activations with a different magnitude in every 32 values (as hidden states have).
+fn acts_x(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut x = rng.vec(n, 1.0);
+    for c in x.chunks_mut(32) {
+        let s = 0.1 + rng.f(1.0).abs() * 3.0;
+        c.iter_mut().for_each(|v| *v *= s);
+    }
+    x
+}
+
+/// The oracle: x quantized by the oracle, then `vec_dot` per row.
+fn oracle(w: Weights<'_>, cols: usize, x: &[f32]) -> Vec<f32> {
+    let mut b = ActBuf::new();
+    let a = b.quantize(w.format().act_format().unwrap(), x);
+    (0..w.len() / cols)
+        .map(|r| q::vec_dot(w.row(r, cols), a))
+        .collect()
+}
+
+/// Per-row bound on |tier - oracle| (see the top of the file).
+struct Bound {
+    wdq: Vec<f32>,
+    mu: Vec<f32>,
+    f: Format,
+}
+impl Bound {
+    fn new(s: &Store) -> Bound {
+        Bound {
+            wdq: deq(s.w()),
+            mu: s.mins(),
+            f: s.w().format(),
+        }
+    }
+    fn row(&self, r: usize, x: &[f32]) -> f64 {
+        let cols = x.len();
+        let mut b = ActBuf::new();
+        let xq = q::dequantize_acts(b.quantize(self.f.act_format().unwrap(), x));
+        let s: f64 = (0..cols)
+            .map(|i| {
+                let (w, m) = (self.wdq[r * cols + i], self.mu[r * cols + i]);
+                (w.abs() as f64 + 2.0 * m.abs() as f64) * xq[i].abs() as f64
+            })
+            .sum();
+        let n = 12 * (cols / self.f.block_len()) + 16;
+        2.0 * (n + 3) as f64 * 2f64.powi(-24) * s + 1e-30
+    }
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], bound: &Bound, x: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for r in 0..got.len() {
+        let tol = bound.row(r, x);
+        let err = (got[r] as f64 - want[r] as f64).abs();
+        assert!(
+            err <= tol,
+            "{what} row {r}: {} vs oracle {} (err {err:e} > {tol:e})",
+            got[r],
+            want[r]
+        );
+    }
+}
+
+fn col_sizes(f: Format) -> &'static [usize] {
+    if f.block_len() == 256 {
+        &[256, 768, 1024]
+    } else {
+        &[32, 96, 224, 1024]
+    }
+}
+
+#[test]
+fn dot_and_matvec_match_oracle_every_tier() {
+    let mut rng = Rng(1);
+    for f in BLOCK_FORMATS {
+        for &cols in col_sizes(f) {
+            for rows in [1, 7, 33, 257] {
+                let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+                let x = acts_x(&mut rng, cols);
+                let want = oracle(s.w(), cols, &x);
+                let bound = Bound::new(&s);
+                for k in tiers() {
+                    let what = format!("{} {} {rows}x{cols}", k.isa(), f.name());
+                    let mut y = vec![f32::NAN; rows];
+                    k.matvec(s.w(), &x, &mut y);
+                    check(&format!("matvec {what}"), &y, &want, &bound, &x);
+                    let d = k.dot(s.w().row(0, cols), &x);
+                    check(&format!("dot {what}"), &[d], &want[..1], &bound, &x);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvecs_mixed_formats_and_team_match_oracle() {
+    let mut rng = Rng(2);
+    // Four matrices needing all three activation formats, and one float matrix with them.
+    let sets: [[Format; 4]; 3] = [
+        [Format::Q4K, Format::Q4K, Format::Q6K, Format::Q5K],
+        [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::Q5_1],
+        [Format::Q4K, Format::Q8_0, Format::Q5_0, Format::Q6K],
+    ];
+    for set in sets {
+        for (cols, rows) in [(256, [1, 7, 33, 257]), (512, [257, 1, 33, 7])] {
+            let stores: Vec<Store> = set
+                .iter()
+                .zip(rows)
+                .map(|(&f, r)| Store::random(f, r * cols / f.block_len(), &mut rng))
+                .collect();
+            let x = acts_x(&mut rng, cols);
+            let wants: Vec<Vec<f32>> = stores.iter().map(|s| oracle(s.w(), cols, &x)).collect();
+            let bounds: Vec<Bound> = stores.iter().map(Bound::new).collect();
+            let fl = rng.vec(5 * cols, 1.0);
+            for k in tiers() {
+                let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; r]).collect();
+                let mut jobs: Vec<(Weights<'_>, &mut [f32])> = stores
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(s, y)| (s.w(), y.as_mut_slice()))
+                    .collect();
+                k.matvecs(&mut jobs, &x);
+                for i in 0..4 {
+                    let what = format!("matvecs {} {:?} #{i} cols {cols}", k.isa(), set);
+                    check(&what, &ys[i], &wants[i], &bounds[i], &x);
+                }
+                // A float matrix beside block formats: the same result as its own matvec.
+                let (mut yf, mut yq, mut yf1) = (vec![0f32; 5], vec![0f32; rows[0]], vec![0f32; 5]);
+                k.matvecs(
+                    &mut [(Weights::F32(&fl), &mut yf), (stores[0].w(), &mut yq)],
+                    &x,
+                );
+                k.matvec(Weights::F32(&fl), &x, &mut yf1);
+                assert_eq!(yf, yf1, "{} float matrix inside matvecs", k.isa());
+                check(
+                    "matvecs with a float matrix",
+                    &yq,
+                    &wants[0],
+                    &bounds[0],
+                    &x,
+                );
+
+                // The same on a team: every thread quantizes x itself.
+                let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; r]).collect();
+                {
+                    let jobs: Vec<(Weights<'_>, Shared<'_>)> = stores
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(s, y)| (s.w(), Shared::new(y)))
+                        .collect();
+                    // Another test's team may hold the pool for a moment.
+                    while !team::try_run(|t| t.matvecs(&k, &jobs, &x)) {
+                        std::thread::yield_now();
+                    }
+                }
+                for i in 0..4 {
+                    let what = format!("team matvecs {} {:?} #{i} cols {cols}", k.isa(), set);
+                    check(&what, &ys[i], &wants[i], &bounds[i], &x);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_oracle_every_tier() {
+    let mut rng = Rng(3);
+    for f in BLOCK_FORMATS {
+        let cols = if f.block_len() == 256 { 512 } else { 96 };
+        for (rows, ns) in [
+            (33, (1..=17).collect::<Vec<_>>()),
+            (257, vec![2, 17]),
+            (7, vec![5]),
+        ] {
+            let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+            let bound = Bound::new(&s);
+            for &n in &ns {
+                let x = acts_x(&mut rng, n * cols);
+                let want: Vec<Vec<f32>> = (0..n)
+                    .map(|t| oracle(s.w(), cols, &x[t * cols..(t + 1) * cols]))
+                    .collect();
+                for k in tiers() {
+                    let mut y = vec![f32::NAN; n * rows];
+                    k.matmul(s.w(), &x, n, &mut y);
+                    for t in 0..n {
+                        let what = format!(
+                            "matmul {} {} {rows}x{cols} n {n} token {t}",
+                            k.isa(),
+                            f.name()
+                        );
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        check(&what, &y[t * rows..(t + 1) * rows], &want[t], &bound, xt);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn to_f32_and_value_at_equal_dequantize() {
+    let mut rng = Rng(4);
+    for f in BLOCK_FORMATS {
+        let s = Store::random(f, 3, &mut rng);
+        let want = deq(s.w());
+        for k in tiers() {
+            let mut got = vec![f32::NAN; want.len()];
+            k.to_f32(s.w(), &mut got);
+            assert_eq!(got, want, "{} to_f32 {}", k.isa(), f.name());
+        }
+        let mut got = vec![f32::NAN; want.len()];
+        scalar::to_f32(s.w(), &mut got);
+        assert_eq!(got, want, "scalar::to_f32 {}", f.name());
+        for i in (0..want.len()).step_by(7) {
+            assert_eq!(q::value_at(s.w(), i).to_bits(), want[i].to_bits());
+            assert_eq!(scalar::weight_at(s.w(), i).to_bits(), want[i].to_bits());
+        }
+    }
+}
+
+/// The int8 path against the float dot of the dequantized weights with unquantized x.
+/// Rounding x to the q8 grid (step h = d of its block: max|x|/127) errs by e_i uniform in
+/// ±h/2, independent across values: E[(Σ ŵ_i e_i)²] = Σ ŵ_i² h_i²/12. On top, the f16 rounding
+/// of d (Q8_0, Q8_1: relative ≤ 2^-11, the same for a whole block, so ≤ 2^-11·|Σ_block ŵx|) and
+/// of s (Q8_1: ≤ 2^-11·|μ·s|), taken as worst-case, summed per row and squared. Over 64 rows ×
+/// ≥ 1024 values the sample mean of the random part is within a few percent of its
+/// expectation, so the NMSE must stay below twice the predicted one.
+#[test]
+fn int8_path_close_to_float_dot() {
+    let mut rng = Rng(5);
+    let (rows, cols) = (64, 1024);
+    for f in BLOCK_FORMATS {
+        let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+        let (wdq, mu) = (deq(s.w()), s.mins());
+        let x = acts_x(&mut rng, cols);
+        let got = oracle(s.w(), cols, &x);
+        let af = f.act_format().unwrap();
+        let h: Vec<f64> = x
+            .chunks(af.block_len())
+            .flat_map(|b| {
+                let m = b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                std::iter::repeat_n(m, b.len())
+            })
+            .collect();
+        let (mut err, mut norm, mut pred) = (0f64, 0f64, 0f64);
+        for r in 0..rows {
+            let w = &wdq[r * cols..(r + 1) * cols];
+            let want: f64 = (0..cols).map(|i| w[i] as f64 * x[i] as f64).sum();
+            err += (got[r] as f64 - want).powi(2);
+            norm += want * want;
+            pred += (0..cols)
+                .map(|i| (w[i] as f64 * h[i]).powi(2) / 12.0)
+                .sum::<f64>();
+            if af != ActFormat::Q8K {
+                let mut det = 0f64;
+                for b in (0..cols).step_by(32) {
+                    let blk: f64 = (b..b + 32).map(|i| w[i] as f64 * x[i] as f64).sum();
+                    let sx: f64 = (b..b + 32).map(|i| x[i] as f64).sum();
+                    det += 2f64.powi(-11) * (blk.abs() + (mu[r * cols + b] as f64 * sx).abs());
+                }
+                pred += det * det;
+            }
+        }
+        let (nmse, bound) = (err / norm, 2.0 * pred / norm);
+        assert!(
+            nmse <= bound,
+            "{}: int8 path NMSE {nmse:e} > {bound:e}",
+            f.name()
+        );
+        // And it is not vacuous: rounding x really happened.
+        assert!(nmse > 0.0, "{}", f.name());
+    }
+}
+
+#[test]
+#[should_panic(expected = "multiple of 256 values")]
+fn k_quant_rows_must_be_whole_blocks() {
+    let s = Store::random(Format::Q4K, 2, &mut Rng(6));
+    let x = vec![0f32; 128];
+    let mut y = vec![0f32; 4];
+    Kernels::for_isa(Isa::Scalar)
+        .unwrap()
+        .matvec(s.w(), &x, &mut y);
+}
+
+#[test]
+fn q8_k_quantizer_invariants() {
+    // gguf-py cannot quantize Q8_K, so its definition is checked directly: the value of largest
+    // magnitude maps to ∓127 (d = max / -127), every value is within half a step, bsums hold
+    // the sums of 16, and zeros stay zero.
+    let mut rng = Rng(7);
+    let mut x = acts_x(&mut rng, 1024);
+    x[256..512].iter_mut().for_each(|v| *v = 0.0);
+    let mut b = ActBuf::new();
+    let Acts::Q8K(a) = b.quantize(ActFormat::Q8K, &x) else {
+        panic!("Q8_K")
+    };
+    for (blk, xs) in a.iter().zip(x.chunks(256)) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        xs.iter().for_each(|&v| {
+            if v.abs() > amax {
+                (amax, max) = (v.abs(), v)
+            }
+        });
+        assert_eq!(
+            blk.d,
+            if amax == 0.0 {
+                0.0
+            } else {
+                1.0 / (-127.0 / max)
+            }
+        );
+        for (j, (&q, &v)) in blk.qs.iter().zip(xs).enumerate() {
+            let e = (q as f32 * blk.d - v).abs();
+            assert!(e <= amax / 127.0 * 0.5001, "{j}: {q} vs {v}");
+        }
+        for g in 0..16 {
+            let s: i32 = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(blk.bsums[g] as i32, s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- gguf-py reference
+
+fn reference() -> Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/reference/quant/blocks.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).expect("blocks.json")).expect("json")
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn f32s(s: &str) -> Vec<f32> {
+    hex(s)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// `bytes` copied to a 2-byte aligned place (GGUF's guarantee) in `buf`.
+fn aligned<'a>(buf: &'a mut Vec<u8>, bytes: &[u8]) -> &'a [u8] {
+    buf.resize(bytes.len() + 1, 0);
+    let off = buf.as_ptr().align_offset(2);
+    buf[off..off + bytes.len()].copy_from_slice(bytes);
+    &buf[off..off + bytes.len()]
+}
+
+/// Our dequantization equals gguf-py's bit for bit: both compute each value as the same f32
+/// products of f16 scales (widened exactly) and small integers, in the same order, with no
+/// fused multiply-add (numpy does not fuse; neither does Rust without being asked).
+#[test]
+fn dequantize_matches_gguf_py() {
+    let r = reference();
+    let formats = r["formats"].as_array().unwrap();
+    assert_eq!(formats.len(), BLOCK_FORMATS.len());
+    for e in formats {
+        let name = e["format"].as_str().unwrap();
+        let f = BLOCK_FORMATS
+            .into_iter()
+            .find(|f| f.name() == name)
+            .unwrap();
+        let mut buf = Vec::new();
+        let w = Weights::from_bytes(f, aligned(&mut buf, &hex(e["blocks"].as_str().unwrap())))
+            .expect("whole blocks");
+        let want = f32s(e["values"].as_str().unwrap());
+        let (rows, cols) = (
+            e["rows"].as_u64().unwrap() as usize,
+            e["cols"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(w.len(), rows * cols, "{name}");
+        let got = deq(w);
+        for i in 0..want.len() {
+            assert_eq!(
+                got[i].to_bits(),
+                want[i].to_bits(),
+                "{name} value {i}: {} vs gguf-py {}",
+                got[i],
+                want[i]
+            );
+        }
+        for k in tiers() {
+            let mut row = vec![0f32; cols];
+            k.to_f32(w.row(rows - 1, cols), &mut row);
+            assert_eq!(row, want[(rows - 1) * cols..], "{} to_f32 {name}", k.isa());
+        }
+    }
+}
+
+/// Our Q8_0 (and Q8_1's d and qs, the same formula) activation quantizer equals gguf-py's
+/// Q8_0 quantize, which is written to be bit-exact with ggml's `quantize_row_q8_0_ref`;
+/// the reference rows include values on rounding ties (rounded away from zero).
+#[test]
+fn activation_quantizer_matches_gguf_py() {
+    let r = reference();
+    for e in r["q8_0_activations"].as_array().unwrap() {
+        let x = f32s(e["x"].as_str().unwrap());
+        let mut buf = Vec::new();
+        let Weights::Q8_0(want) = Weights::from_bytes(
+            Format::Q8_0,
+            aligned(&mut buf, &hex(e["blocks"].as_str().unwrap())),
+        )
+        .unwrap() else {
+            unreachable!()
+        };
+        let mut b = ActBuf::new();
+        let Acts::Q8_0(got) = b.quantize(ActFormat::Q8_0, &x) else {
+            unreachable!()
+        };
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!((g.d.to_bits(), g.qs), (w.d.to_bits(), w.qs), "block {i}");
+        }
+        let mut b1 = ActBuf::new();
+        let Acts::Q8_1(got1) = b1.quantize(ActFormat::Q8_1, &x) else {
+            unreachable!()
+        };
+        for (i, (g, w)) in got1.iter().zip(want).enumerate() {
+            assert_eq!(
+                (g.d.to_bits(), g.qs),
+                (w.d.to_bits(), w.qs),
+                "q8_1 block {i}"
+            );
+            // s = d·Σq with d before its rounding to f16 (ggml's quantize_row_q8_1_ref).
+            let xs = &x[32 * i..32 * i + 32];
+            let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            let sum: i32 = g.qs.iter().map(|&q| q as i32).sum();
+            assert_eq!(
+                g.s.to_bits(),
+                f16::from_f32(sum as f32 * d).to_bits(),
+                "q8_1 s {i}"
+            );
+        }
+    }
+}
