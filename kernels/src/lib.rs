@@ -731,6 +731,34 @@ impl Kernels {
         }
     }
 
+    /// The integer dot product of a block-format weight row with activations already
+    /// quantized to its [`Format::act_format`] (see [`quant::ActBuf`]).
+    pub fn dot_quantized(&self, w: Weights<'_>, a: Acts<'_>) -> f32 {
+        assert_eq!(
+            w.format().act_format(),
+            Some(a.format()),
+            "dot_quantized: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        );
+        assert_eq!(w.len(), a.len(), "dot_quantized: length mismatch");
+        (self.t.qdot)(w, a)
+    }
+
+    /// [`Kernels::dot_quantized`] of one row with four tokens' activations (the prefill
+    /// matmul's inner step: each weight block is unpacked once).
+    pub fn dot4_quantized(&self, w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+        for a in &a {
+            assert_eq!(
+                w.format().act_format(),
+                Some(a.format()),
+                "dot4_quantized: formats"
+            );
+            assert_eq!(w.len(), a.len(), "dot4_quantized: length mismatch");
+        }
+        (self.t.qdot4)(w, a)
+    }
+
     /// Whether this tier has the bf16 dot-product matmul ([`Precision::Bf16Dot`]).
     pub fn has_bf16_dot(&self) -> bool {
         self.t.matmul_bf16.is_some()
