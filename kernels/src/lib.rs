@@ -5,6 +5,10 @@
 //! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, and AMX bf16 tiles for matmuls
 //! with bf16 weights where the CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
+//!
+//! Block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, laid out as GGUF stores them)
+//! multiply activations quantized to int8 the way llama.cpp does (`quant/`): an integer dot per
+//! block, then f32 scales. `quant/scalar.rs` is their oracle.
 
 // Index loops over const-sized tiles unroll predictably in SIMD code; the tile routines take
 // many plain arguments on purpose.
@@ -837,7 +841,9 @@ impl Kernels {
         })
     }
 
-    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. For bf16 weights this uses
+    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. Block-format weights multiply X
+    /// quantized once per call (llama.cpp's activation format for each, see
+    /// [`Format::act_format`]) with integer dots. For bf16 weights this uses
     /// [`Precision::Amx`] where [`amx_enabled`] says so, else
     /// [`Precision::Bf16Dot`] where [`bf16_dot_enabled`] says so.
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
