@@ -758,3 +758,61 @@ fn integer_sums_exact_with_power_of_two_scales() {
         }
     }
 }
+
+/// `ActBuf` (the AVX2 quantizers where the CPU has them) equals the oracle's quantizers bit
+/// for bit: random rows at many scales, rounding ties (amax = 127 makes d = 1, so x = k + ½
+/// is an exact tie), zero blocks, and blocks whose largest magnitude appears with both signs
+/// (Q8_K keeps the first).
+#[test]
+fn activation_buffer_quantizes_as_the_oracle() {
+    let mut rng = Rng(9);
+    let mut x = Vec::new();
+    for s in [1e-6f32, 1e-2, 1.0, 37.0, 3e4] {
+        x.extend(rng.vec(1024, s));
+    }
+    let mut ties: Vec<f32> = (0..1024).map(|i| (i % 255) as f32 - 127.0 + 0.5).collect();
+    ties.iter_mut().step_by(32).for_each(|v| *v = 127.0);
+    x.extend(ties);
+    x.extend(std::iter::repeat_n(0.0, 512));
+    let mut both: Vec<f32> = rng.vec(512, 1.0);
+    both[7] = -3.0;
+    both[100] = 3.0;
+    both[256 + 9] = 3.0;
+    both[256 + 200] = -3.0;
+    x.extend(both);
+    assert_eq!(x.len() % 256, 0);
+
+    let mut b = ActBuf::new();
+    let Acts::Q8_0(got) = b.quantize(ActFormat::Q8_0, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_0(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!((g.d.to_bits(), g.qs), (w.d.to_bits(), w.qs), "q8_0 block {i}");
+    }
+    let Acts::Q8_1(got) = b.quantize(ActFormat::Q8_1, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_1(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (g.d.to_bits(), g.s.to_bits(), g.qs),
+            (w.d.to_bits(), w.s.to_bits(), w.qs),
+            "q8_1 block {i}"
+        );
+    }
+    let Acts::Q8K(got) = b.quantize(ActFormat::Q8K, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_k(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (g.d.to_bits(), g.qs, g.bsums),
+            (w.d.to_bits(), w.qs, w.bsums),
+            "q8_K block {i}"
+        );
+    }
+}
