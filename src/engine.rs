@@ -22,7 +22,7 @@
 
 use crate::bert::BertModel;
 use crate::generate::generate_with;
-use crate::llama::LlamaModel;
+use crate::llama::{ChatMessage, LlamaModel};
 use crate::sampler::{fresh_seed, Sampler};
 use crate::{
     EmbeddingsResult, EmbeddingsUsage, Error, InferencingParams, InferencingResult, Result,
@@ -148,6 +148,12 @@ impl Engine {
         seed: u64,
     ) -> Result<InferencingResult> {
         self.generate(model, prompt, &params, Some(seed), None)
+    }
+
+    /// The prompt for a conversation with `model`: the messages through the model's chat
+    /// template, ending with the assistant's turn opened (pass it to the `infer` calls).
+    pub fn chat_prompt(&self, model: &str, messages: &[ChatMessage]) -> Result<String> {
+        self.inferencing_model(model)?.chat_prompt(messages)
     }
 
     /// One L2-normalised vector per text, in order; `prompt_token_count` sums the texts' tokens.
@@ -288,6 +294,11 @@ impl Component<'_> {
     ) -> Result<InferencingResult> {
         self.check(model)?;
         self.engine.infer_with_seed(model, prompt, params, seed)
+    }
+
+    pub fn chat_prompt(&self, model: &str, messages: &[ChatMessage]) -> Result<String> {
+        self.check(model)?;
+        self.engine.chat_prompt(model, messages)
     }
 
     pub fn generate_embeddings<S: AsRef<str>>(

@@ -13,6 +13,7 @@ mod tokenizer;
 mod weights;
 
 pub use engine::{check_model_name, Component, Engine};
+pub use llama::ChatMessage;
 
 /// The layers under [`Engine`], for the CLI, tests, benches and tools built on the engine:
 /// models, tokenizer and weight loading, the sampler, the bench and the kernels. No stability

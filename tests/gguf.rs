@@ -713,7 +713,9 @@ fn smollm2_header_matches_gguf_py() {
             spinfer::internals::weights::gguf::Value::Array(a) => {
                 assert_eq!(a.len() as u64, want["len"].as_u64().unwrap(), "{key}")
             }
-            spinfer::internals::weights::gguf::Value::Str(s) => assert_eq!(s, want["value"].as_str().unwrap()),
+            spinfer::internals::weights::gguf::Value::Str(s) => {
+                assert_eq!(s, want["value"].as_str().unwrap())
+            }
             spinfer::internals::weights::gguf::Value::F32(x) => {
                 assert_eq!(*x as f64, want["value"].as_f64().unwrap(), "{key}")
             }

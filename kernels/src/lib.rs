@@ -5,6 +5,10 @@
 //! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, and AMX bf16 tiles for matmuls
 //! with bf16 weights where the CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
+//!
+//! Block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, laid out as GGUF stores them)
+//! multiply activations quantized to int8 the way llama.cpp does (`quant/`): an integer dot per
+//! block, then f32 scales. `quant/scalar.rs` is their oracle.
 
 // Index loops over const-sized tiles unroll predictably in SIMD code; the tile routines take
 // many plain arguments on purpose.
@@ -759,6 +763,34 @@ impl Kernels {
         }
     }
 
+    /// The integer dot product of a block-format weight row with activations already
+    /// quantized to its [`Format::act_format`] (see [`quant::ActBuf`]).
+    pub fn dot_quantized(&self, w: Weights<'_>, a: Acts<'_>) -> f32 {
+        assert_eq!(
+            w.format().act_format(),
+            Some(a.format()),
+            "dot_quantized: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        );
+        assert_eq!(w.len(), a.len(), "dot_quantized: length mismatch");
+        (self.t.qdot)(w, a)
+    }
+
+    /// [`Kernels::dot_quantized`] of one row with four tokens' activations (the prefill
+    /// matmul's inner step: each weight block is unpacked once).
+    pub fn dot4_quantized(&self, w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+        for a in &a {
+            assert_eq!(
+                w.format().act_format(),
+                Some(a.format()),
+                "dot4_quantized: formats"
+            );
+            assert_eq!(w.len(), a.len(), "dot4_quantized: length mismatch");
+        }
+        (self.t.qdot4)(w, a)
+    }
+
     /// Whether this tier has the bf16 dot-product matmul ([`Precision::Bf16Dot`]).
     pub fn has_bf16_dot(&self) -> bool {
         self.t.matmul_bf16.is_some()
@@ -837,7 +869,9 @@ impl Kernels {
         })
     }
 
-    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`, with the process default
+    /// Y = X Wᵀ with X `(n, k)`, W `(m, k)`, Y `(n, m)`. Block-format weights multiply X
+    /// quantized once per call (llama.cpp's activation format for each, see
+    /// [`Format::act_format`]) with integer dots. Bf16 weights follow the process default
     /// [`Policy::from_env`]; models pass their own policy's choice to [`Kernels::matmul_with`].
     pub fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
         self.matmul_with(Policy::from_env().precision(w, n), w, x, n, y)

@@ -333,7 +333,7 @@ fn matvecs_mixed_formats_and_team_match_oracle() {
                         .map(|(s, y)| (s.w(), Shared::new(y)))
                         .collect();
                     // Another test's team may hold the pool for a moment.
-                    while !team::try_run(|t| t.matvecs(&k, &jobs, &x)) {
+                    while !team::try_run(|t| t.matvecs(&k, &jobs, &x)).expect("team job") {
                         std::thread::yield_now();
                     }
                 }
@@ -621,5 +621,198 @@ fn activation_quantizer_matches_gguf_py() {
                 "q8_1 s {i}"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------- exact integer paths
+
+/// Power-of-two scales make every f32 step exact, so the integer sums can be checked for
+/// equality, not within a bound: weights' f16 scales (and Q4_1/Q5_1 mins, k-quant dmin) are
+/// ±2^e, activations are built directly with d = 2^e and |q| ≤ 31 (s and bsums consistent).
+/// Every term is then a multiple of the smallest scale product and every partial sum, in any
+/// order, is bounded by S = Σ(|ŵ| + 2|μ|)|x̂| (see the top of the file); when S is below 2^24
+/// such units (checked per case) all f32 additions are exact, and the oracle, every tier and
+/// the f64 Σ ŵ·x̂ must agree exactly.
+fn pow2_store(f: Format, n: usize, rng: &mut Rng) -> Store {
+    let mut s = Store::random(f, n, rng);
+    let mut p2 = |neg: bool| {
+        let e = (rng.next() % 2) as i32 - 1;
+        let v = 2f32.powi(e);
+        f16::from_f32(if neg && rng.next() & 1 == 1 { -v } else { v })
+    };
+    match &mut s {
+        Store::Q8_0(b) => b.iter_mut().for_each(|b| b.d = p2(true)),
+        Store::Q4_0(b) => b.iter_mut().for_each(|b| b.d = p2(true)),
+        Store::Q5_0(b) => b.iter_mut().for_each(|b| b.d = p2(true)),
+        Store::Q4_1(b) => b
+            .iter_mut()
+            .for_each(|b| (b.d, b.m) = (p2(false), p2(true))),
+        Store::Q5_1(b) => b
+            .iter_mut()
+            .for_each(|b| (b.d, b.m) = (p2(false), p2(true))),
+        Store::Q4K(b) => b
+            .iter_mut()
+            .for_each(|b| (b.d, b.dmin) = (p2(false), p2(false))),
+        Store::Q5K(b) => b
+            .iter_mut()
+            .for_each(|b| (b.d, b.dmin) = (p2(false), p2(false))),
+        // Sub-block scales in -8..=7 (the full i8 range is covered by the bounded tests):
+        // with ±127 no 512-value case stays below 2^24 units.
+        Store::Q6K(b) => b.iter_mut().for_each(|b| {
+            b.d = p2(true);
+            b.scales = b.scales.map(|v| (v & 0x0F) - 8);
+        }),
+    }
+    s
+}
+
+enum ActStore {
+    Q8_0(Vec<BlockQ8_0>),
+    Q8_1(Vec<spinfer_kernels::BlockQ8_1>),
+    Q8K(Vec<spinfer_kernels::BlockQ8K>),
+}
+impl ActStore {
+    fn random(f: ActFormat, n: usize, rng: &mut Rng) -> ActStore {
+        let mut q = |_| ((rng.next() % 63) as i32 - 31) as i8;
+        let d = 0.5f32;
+        match f {
+            ActFormat::Q8_0 => ActStore::Q8_0(
+                (0..n / 32)
+                    .map(|_| BlockQ8_0 {
+                        d: f16::from_f32(d),
+                        qs: std::array::from_fn(&mut q),
+                    })
+                    .collect(),
+            ),
+            ActFormat::Q8_1 => ActStore::Q8_1(
+                (0..n / 32)
+                    .map(|_| {
+                        let qs: [i8; 32] = std::array::from_fn(&mut q);
+                        let sum: i32 = qs.iter().map(|&v| v as i32).sum();
+                        spinfer_kernels::BlockQ8_1 {
+                            d: f16::from_f32(d),
+                            s: f16::from_f32(sum as f32 * d),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
+            ActFormat::Q8K => ActStore::Q8K(
+                (0..n / 256)
+                    .map(|_| {
+                        let qs: [i8; 256] = std::array::from_fn(&mut q);
+                        let bsums = std::array::from_fn(|g| {
+                            qs[16 * g..16 * g + 16].iter().map(|&v| v as i16).sum()
+                        });
+                        spinfer_kernels::BlockQ8K { d, qs, bsums }
+                    })
+                    .collect(),
+            ),
+        }
+    }
+    fn acts(&self) -> Acts<'_> {
+        match self {
+            ActStore::Q8_0(a) => Acts::Q8_0(a),
+            ActStore::Q8_1(a) => Acts::Q8_1(a),
+            ActStore::Q8K(a) => Acts::Q8K(a),
+        }
+    }
+}
+
+#[test]
+fn integer_sums_exact_with_power_of_two_scales() {
+    let mut rng = Rng(8);
+    // Each tier's one-token and four-token dots (the latter through matmul's inner step).
+    for f in BLOCK_FORMATS {
+        let cols = 512;
+        let s = pow2_store(f, cols / f.block_len(), &mut rng);
+        let (wdq, mu) = (deq(s.w()), s.mins());
+        let acts: Vec<ActStore> = (0..4)
+            .map(|_| ActStore::random(f.act_format().unwrap(), cols, &mut rng))
+            .collect();
+        for a in &acts {
+            let xq = q::dequantize_acts(a.acts());
+            let exact: f64 = (0..cols).map(|i| wdq[i] as f64 * xq[i] as f64).sum();
+            // The smallest scale product is 2^-1 · 2^-1 · 0.5 (activation d).
+            let unit = 0.125f64;
+            let bound: f64 = (0..cols)
+                .map(|i| (wdq[i].abs() as f64 + 2.0 * mu[i].abs() as f64) * xq[i].abs() as f64)
+                .sum();
+            assert!(
+                bound / unit < (1u64 << 24) as f64,
+                "{}: case too large to be exact",
+                f.name()
+            );
+            let oracle = q::vec_dot(s.w(), a.acts());
+            assert_eq!(oracle as f64, exact, "oracle {}", f.name());
+        }
+        let a4: [Acts<'_>; 4] = std::array::from_fn(|t| acts[t].acts());
+        let want: [f32; 4] = a4.map(|a| q::vec_dot(s.w(), a));
+        for k in tiers() {
+            for t in 0..4 {
+                let got = k.dot_quantized(s.w(), a4[t]);
+                assert_eq!(got, want[t], "{} dot {} token {t}", k.isa(), f.name());
+            }
+            let got = k.dot4_quantized(s.w(), a4);
+            assert_eq!(got, want, "{} dot4 {}", k.isa(), f.name());
+        }
+    }
+}
+
+/// `ActBuf` (the AVX2 quantizers where the CPU has them) equals the oracle's quantizers bit
+/// for bit: random rows at many scales, rounding ties (amax = 127 makes d = 1, so x = k + ½
+/// is an exact tie), zero blocks, and blocks whose largest magnitude appears with both signs
+/// (Q8_K keeps the first).
+#[test]
+fn activation_buffer_quantizes_as_the_oracle() {
+    let mut rng = Rng(9);
+    let mut x = Vec::new();
+    for s in [1e-6f32, 1e-2, 1.0, 37.0, 3e4] {
+        x.extend(rng.vec(1024, s));
+    }
+    let mut ties: Vec<f32> = (0..1024).map(|i| (i % 255) as f32 - 127.0 + 0.5).collect();
+    ties.iter_mut().step_by(32).for_each(|v| *v = 127.0);
+    x.extend(ties);
+    x.extend(std::iter::repeat_n(0.0, 512));
+    let mut both: Vec<f32> = rng.vec(512, 1.0);
+    both[7] = -3.0;
+    both[100] = 3.0;
+    both[256 + 9] = 3.0;
+    both[256 + 200] = -3.0;
+    x.extend(both);
+    assert_eq!(x.len() % 256, 0);
+
+    let mut b = ActBuf::new();
+    let Acts::Q8_0(got) = b.quantize(ActFormat::Q8_0, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_0(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!((g.d.to_bits(), g.qs), (w.d.to_bits(), w.qs), "q8_0 block {i}");
+    }
+    let Acts::Q8_1(got) = b.quantize(ActFormat::Q8_1, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_1(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (g.d.to_bits(), g.s.to_bits(), g.qs),
+            (w.d.to_bits(), w.s.to_bits(), w.qs),
+            "q8_1 block {i}"
+        );
+    }
+    let Acts::Q8K(got) = b.quantize(ActFormat::Q8K, &x) else {
+        unreachable!()
+    };
+    let mut want = vec![got[0]; got.len()];
+    q::quantize_q8_k(&x, &mut want);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (g.d.to_bits(), g.qs, g.bsums),
+            (w.d.to_bits(), w.qs, w.bsums),
+            "q8_K block {i}"
+        );
     }
 }

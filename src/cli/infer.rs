@@ -1,7 +1,7 @@
 //! `spinfer infer`: text generation, streamed to stdout.
 
 use super::{Arg, Failure, Parser, DEFAULT_REGISTRY};
-use spinfer::{Engine, InferencingParams};
+use spinfer::{ChatMessage, Engine, InferencingParams};
 use std::io::{Read, Write};
 
 pub const USAGE: &str = "\
@@ -23,6 +23,8 @@ Options (defaults are Spin's):
   --repeat-penalty R           1 disables it [default: 1.1]
   --repeat-penalty-last-n N    tokens the penalty looks back at [default: 64]
   --seed S                     fix the sampler's seed (reproducible output) [default: random]
+  --chat                       PROMPT is a user message: apply the model's chat template
+  --system TEXT                with --chat: a system message before it
   --json                       print only {\"text\": ..., \"usage\": {\"prompt_token_count\": n,
                                \"generated_token_count\": n}}
   -h, --help                   this message
@@ -36,6 +38,8 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     let mut params = InferencingParams::default();
     let mut seed: Option<u64> = None;
     let mut json = false;
+    let mut chat = false;
+    let mut system: Option<String> = None;
     let mut prompt: Option<String> = None;
     while let Some(arg) = p.next_arg() {
         match arg {
@@ -66,6 +70,11 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
                     p.no_flag_value(&f, &v)?;
                     json = true
                 }
+                "--chat" => {
+                    p.no_flag_value(&f, &v)?;
+                    chat = true
+                }
+                "--system" => system = Some(p.value(&f, v)?),
                 _ => return Err(p.unknown(&f)),
             },
         }
@@ -84,6 +93,19 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
         allow
     };
     let component = engine.component(allowed);
+    if system.is_some() && !chat {
+        return Err(p.usage_error("--system needs --chat"));
+    }
+    let prompt = if chat {
+        let mut messages: Vec<ChatMessage> = system
+            .into_iter()
+            .map(|s| ChatMessage::new("system", s))
+            .collect();
+        messages.push(ChatMessage::new("user", prompt));
+        component.chat_prompt(&model, &messages)?
+    } else {
+        prompt
+    };
 
     if json {
         let r = match seed {

@@ -57,18 +57,16 @@ pub fn template_beside(dir: &Path) -> Result<Option<String>> {
 
 /// The prompt text of `messages` through `template`, ending with the assistant's turn opened
 /// (`add_generation_prompt`). `bos` / `eos` are the tokens' texts, which templates may print.
-pub fn render(
-    template: &str,
-    messages: &[ChatMessage],
-    bos: &str,
-    eos: &str,
-) -> Result<String> {
+pub fn render(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     // transformers gives templates `raise_exception(msg)` to reject a conversation.
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     let bad = |e: minijinja::Error| {
         // A template's own raise_exception is about the conversation; anything else about the
         // template.
@@ -98,7 +96,10 @@ mod tests {
     fn template_errors_are_named() {
         let m = [ChatMessage::new("user", "hi")];
         let e = render("{{ raise_exception('no system role') }}", &m, "", "").unwrap_err();
-        assert!(matches!(&e, Error::InvalidInput(s) if s.contains("no system role")), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidInput(s) if s.contains("no system role")),
+            "{e}"
+        );
         let e = render("{% for %}", &m, "", "").unwrap_err();
         assert!(e.to_string().contains("chat template failed"), "{e}");
     }

@@ -201,15 +201,13 @@ impl LlamaConfig {
                 "{origin}: general.architecture {arch:?} is not supported (only \"llama\")"
             )));
         }
-        let u = |key: &str| -> Result<Option<usize>> {
-            Ok(meta.get_u64(key)?.map(|v| v as usize))
-        };
-        let req = |key: &str| -> Result<usize> {
-            Ok(meta.require(key, meta.get_u64(key))? as usize)
-        };
+        let u = |key: &str| -> Result<Option<usize>> { Ok(meta.get_u64(key)?.map(|v| v as usize)) };
+        let req =
+            |key: &str| -> Result<usize> { Ok(meta.require(key, meta.get_u64(key))? as usize) };
         let hidden_size = req("llama.embedding_length")?;
         let num_attention_heads = req("llama.attention.head_count")?;
-        let num_key_value_heads = u("llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads =
+            u("llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
         let head_dim = match u("llama.attention.key_length")? {
             Some(d) => d,
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,

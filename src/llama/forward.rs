@@ -158,6 +158,23 @@ impl Forward<'_> {
         }
     }
 
+    /// RoPE on `x` = (heads, head_dim) at one position, in the model's pairing: halves
+    /// (transformers' rotate_half) through the kernels, or adjacent pairs for GGUF's permuted
+    /// Q/K rows (a few hundred values per token: a plain loop, same arithmetic per pair).
+    fn rope(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let hd = self.cfg.head_dim;
+        if !self.cfg.rope_interleaved {
+            return self.k.rope(x, hd, cos, sin);
+        }
+        for head in x.chunks_exact_mut(hd) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos[i] - b * sin[i];
+                pair[1] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+
     /// One query head `q` (RoPE applied) over positions `0..len` of its kv head:
     /// `out = V softmax(K q / sqrt(head_dim))`. Runs on the calling thread.
     fn attend(&self, kv: KvHead<'_>, q: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
@@ -233,8 +250,8 @@ impl Forward<'_> {
                 &s.cos[t * half..(t + 1) * half],
                 &s.sin[t * half..(t + 1) * half],
             );
-            k.rope(&mut q[t * qd..(t + 1) * qd], hd, c, sn);
-            k.rope(&mut kn[t * kvd..(t + 1) * kvd], hd, c, sn);
+            self.rope(&mut q[t * qd..(t + 1) * qd], c, sn);
+            self.rope(&mut kn[t * kvd..(t + 1) * kvd], c, sn);
             for g in 0..cfg.num_key_value_heads {
                 let r = t * kvd + g * hd..t * kvd + (g + 1) * hd;
                 s.kv.head_mut(l, g).write(p0 + t, &kn[r.clone()], &vn[r]);
@@ -350,11 +367,11 @@ impl Forward<'_> {
                     let r = layout.range(l, g);
                     let mut kvh = layout.head(k_store.slice(r.clone()), v_store.slice(r));
                     let kg = kn.slice(g * hd..(g + 1) * hd);
-                    k.rope(kg, hd, cos, sin);
+                    self.rope(kg, cos, sin);
                     kvh.write(p0, kg, vn.slice(g * hd..(g + 1) * hd));
                     for head in g * group..(g + 1) * group {
                         let qh = q.slice(head * hd..(head + 1) * hd);
-                        k.rope(qh, hd, cos, sin);
+                        self.rope(qh, cos, sin);
                         let sc = scores.slice(head * row..(head + 1) * row);
                         let out = att.slice(head * hd..(head + 1) * hd);
                         self.attend(kvh.read(), qh, len, sc, out);

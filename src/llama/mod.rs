@@ -31,9 +31,9 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use forward::{LlamaState, MAX_BATCH};
 pub use kv_cache::KvCache;
 
+use crate::weights::WeightStore;
 use crate::{Error, Result};
 use forward::Forward;
-use crate::weights::WeightStore;
 use model::{ModelWeights, Naming};
 use spinfer_kernels::{Kernels, Policy};
 use std::path::Path;
@@ -79,8 +79,9 @@ impl LlamaModel {
             None => {
                 let cfg = LlamaConfig::load(dir)?;
                 let tok_path = dir.join("tokenizer.json");
-                let tokenizer = crate::tokenizer::from_file(&tok_path)
-                    .map_err(|e| Error::runtime(format!("cannot load {}: {e}", tok_path.display())))?;
+                let tokenizer = crate::tokenizer::from_file(&tok_path).map_err(|e| {
+                    Error::runtime(format!("cannot load {}: {e}", tok_path.display()))
+                })?;
                 let template = chat::template_beside(dir)?;
                 let weights = ModelWeights::from_store(store, &cfg, Naming::Hf)?;
                 (cfg, tokenizer, weights, template)

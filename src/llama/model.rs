@@ -78,7 +78,11 @@ impl Naming {
 
 impl ModelWeights {
     /// Check every tensor the config needs in an opened store, named as `naming` says.
-    pub fn from_store(store: WeightStore, cfg: &LlamaConfig, naming: Naming) -> Result<ModelWeights> {
+    pub fn from_store(
+        store: WeightStore,
+        cfg: &LlamaConfig,
+        naming: Naming,
+    ) -> Result<ModelWeights> {
         let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let mat = |name: &str, shape: [usize; 2]| -> Result<TensorRef> {

@@ -449,3 +449,141 @@ unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
         )
     })
 }
+
+// ---------------------------------------------------------------- activation quantizers
+
+/// f32 → i8 for 32 values in four vectors (values already in -127..=127), in order.
+#[inline(always)]
+unsafe fn pack32(q: [__m256i; 4], out: *mut i8) {
+    let a = _mm256_packs_epi32(q[0], q[1]);
+    let b = _mm256_packs_epi32(q[2], q[3]);
+    let p = _mm256_packs_epi16(a, b);
+    // packs work per 128-bit lane: restore the order of the 32-bit groups.
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out as *mut __m256i, p);
+}
+
+/// `roundf`: to nearest, ties away from zero (what `quantize_row_q8_{0,1}_ref` use), made of
+/// exact steps: t = trunc(v) and v - t are exact, so ties are seen exactly.
+#[inline(always)]
+unsafe fn round_away(v: __m256) -> __m256 {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+    let diff = _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(v, t));
+    let up = _mm256_and_ps(
+        _mm256_cmp_ps::<_CMP_GE_OQ>(diff, _mm256_set1_ps(0.5)),
+        _mm256_set1_ps(1.0),
+    );
+    _mm256_add_ps(t, _mm256_or_ps(up, sign))
+}
+
+/// One 32-value block as the Q8_0/Q8_1 reference does it: d = max|x|/127, q = roundf(x/d);
+/// returns d (f32) and Σq.
+#[inline(always)]
+unsafe fn q8_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
+    // No closures here: they would not inherit the caller's target features, and their
+    // intrinsics would stay calls.
+    let abs = _mm256_set1_ps(-0.0);
+    let p = x.as_ptr();
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let m01 = _mm256_max_ps(_mm256_andnot_ps(abs, v[0]), _mm256_andnot_ps(abs, v[1]));
+    let m23 = _mm256_max_ps(_mm256_andnot_ps(abs, v[2]), _mm256_andnot_ps(abs, v[3]));
+    let m = _mm256_max_ps(m01, m23);
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let q = [
+        _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v[0], id))),
+        _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v[1], id))),
+        _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v[2], id))),
+        _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v[3], id))),
+    ];
+    pack32(q, qs.as_mut_ptr());
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (d, _mm_cvtsi128_si32(s))
+}
+
+/// [`scalar::quantize_q8_0`], bit for bit.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q8_0: length mismatch");
+    for (x, y) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (d, _) = q8_block(x, &mut y.qs);
+        y.d = f16::from_f32(d);
+    }
+}
+
+/// [`scalar::quantize_q8_1`], bit for bit.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q8_1: length mismatch");
+    for (x, y) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (d, sum) = q8_block(x, &mut y.qs);
+        y.d = f16::from_f32(d);
+        y.s = f16::from_f32(sum as f32 * d);
+    }
+}
+
+/// [`scalar::quantize_q8_k`], bit for bit.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), y.len() * QK_K, "quantize_q8_k: length mismatch");
+    let abs = _mm256_set1_ps(-0.0);
+    for (x, y) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let mut m = _mm256_setzero_ps();
+        for i in 0..QK_K / 8 {
+            m = _mm256_max_ps(
+                m,
+                _mm256_andnot_ps(abs, _mm256_loadu_ps(x.as_ptr().add(8 * i))),
+            );
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        if amax == 0.0 {
+            *y = scalar::ZERO_Q8K;
+            continue;
+        }
+        // The reference keeps the first value of largest magnitude (and its sign).
+        let max = *x.iter().find(|v| v.abs() == amax).unwrap();
+        let iscale = -127.0 / max;
+        let is = _mm256_set1_ps(iscale);
+        let cap = _mm256_set1_epi32(127);
+        for g in 0..QK_K / 32 {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (i, q) in q.iter_mut().enumerate() {
+                let v = _mm256_mul_ps(is, _mm256_loadu_ps(x.as_ptr().add(32 * g + 8 * i)));
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                *q = _mm256_min_epi32(_mm256_cvtps_epi32(r), cap);
+            }
+            pack32(q, y.qs.as_mut_ptr().add(32 * g));
+            for h in 0..2 {
+                let s = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+                y.bsums[2 * g + h] = _mm_cvtsi128_si32(s) as i16;
+            }
+        }
+        y.d = 1.0 / iscale;
+    }
+}

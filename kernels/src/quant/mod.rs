@@ -351,15 +351,15 @@ impl ActBuf {
         match f {
             ActFormat::Q8_0 => {
                 self.q8_0.resize(n, scalar::ZERO_Q8_0);
-                scalar::quantize_q8_0(x, &mut self.q8_0);
+                quantize_q8_0(x, &mut self.q8_0);
             }
             ActFormat::Q8_1 => {
                 self.q8_1.resize(n, scalar::ZERO_Q8_1);
-                scalar::quantize_q8_1(x, &mut self.q8_1);
+                quantize_q8_1(x, &mut self.q8_1);
             }
             ActFormat::Q8K => {
                 self.q8k.resize(n, scalar::ZERO_Q8K);
-                scalar::quantize_q8_k(x, &mut self.q8k);
+                quantize_q8_k(x, &mut self.q8k);
             }
         }
     }
@@ -400,7 +400,7 @@ impl ActBuf {
                 self.q8_0
                     .par_chunks_mut(bpr)
                     .zip(x.par_chunks(row))
-                    .for_each(|(o, x)| scalar::quantize_q8_0(x, o));
+                    .for_each(|(o, x)| quantize_q8_0(x, o));
                 Acts::Q8_0(&self.q8_0)
             }
             ActFormat::Q8_1 => {
@@ -408,7 +408,7 @@ impl ActBuf {
                 self.q8_1
                     .par_chunks_mut(bpr)
                     .zip(x.par_chunks(row))
-                    .for_each(|(o, x)| scalar::quantize_q8_1(x, o));
+                    .for_each(|(o, x)| quantize_q8_1(x, o));
                 Acts::Q8_1(&self.q8_1)
             }
             ActFormat::Q8K => {
@@ -416,7 +416,7 @@ impl ActBuf {
                 self.q8k
                     .par_chunks_mut(bpr)
                     .zip(x.par_chunks(row))
-                    .for_each(|(o, x)| scalar::quantize_q8_k(x, o));
+                    .for_each(|(o, x)| quantize_q8_k(x, o));
                 Acts::Q8K(&self.q8k)
             }
         }
@@ -426,3 +426,30 @@ impl ActBuf {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 pub mod scalar;
+
+/// Whether the AVX2 quantizers can run (std caches the detection).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The activation quantizers `ActBuf` uses: the AVX2 ones where the CPU has them (bit-exact
+/// with the oracle's, as `tests/quant.rs` checks, so every tier sees the same activations),
+/// else the oracle's.
+macro_rules! fast_quantizer {
+    ($name:ident, $B:ty) => {
+        fn $name(x: &[f32], y: &mut [$B]) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+                return unsafe { avx2::$name(x, y) };
+            }
+            scalar::$name(x, y)
+        }
+    };
+}
+fast_quantizer!(quantize_q8_0, BlockQ8_0);
+fast_quantizer!(quantize_q8_1, BlockQ8_1);
+fast_quantizer!(quantize_q8_k, BlockQ8K);
