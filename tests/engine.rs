@@ -267,9 +267,9 @@ fn a_failed_load_is_not_cached() {
     let engine = Engine::new(tmp.path());
     match engine.infer_with_options("m", "hi", greedy(2)) {
         Err(e @ Error::RuntimeError(_)) => {
-            // A missing file: the cause says I/O, the message names the file.
-            assert_eq!(e.cause(), Some(spinfer::Cause::Io), "{e}");
-            assert!(e.message().unwrap().contains("config.json"), "{e}")
+            // The message names what is missing.
+            assert_eq!(e.cause(), Some(spinfer::Cause::Model), "{e}");
+            assert!(e.message().unwrap().contains("model.safetensors"), "{e}")
         }
         other => panic!("{other:?}"),
     }
