@@ -789,7 +789,11 @@ fn activation_buffer_quantizes_as_the_oracle() {
     let mut want = vec![got[0]; got.len()];
     q::quantize_q8_0(&x, &mut want);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!((g.d.to_bits(), g.qs), (w.d.to_bits(), w.qs), "q8_0 block {i}");
+        assert_eq!(
+            (g.d.to_bits(), g.qs),
+            (w.d.to_bits(), w.qs),
+            "q8_0 block {i}"
+        );
     }
     let Acts::Q8_1(got) = b.quantize(ActFormat::Q8_1, &x) else {
         unreachable!()
