@@ -483,3 +483,54 @@ fn embed_json_parses_and_matches_the_reference_count() {
         assert_eq!(xs, want);
     }
 }
+
+/// `infer --chat` renders the model's chat template around the prompt (the same text as
+/// rendering it by hand and running plain `infer`), and `chat` answers each stdin line the
+/// same way, keeping the conversation.
+#[test]
+fn chat_mode_applies_the_models_template() {
+    let real = root().join("fixtures/real/registry");
+    if !real.join("llama/smollm2-135m-instruct").is_dir() {
+        eprintln!("the real SmolLM2 is absent (fixtures/fetch-smollm2.sh): skipped");
+        return;
+    }
+    let engine = spinfer::Engine::new(&real);
+    let model = "smollm2-135m-instruct";
+    let q = "What is 12 times 7?";
+    let rendered = engine
+        .chat_prompt(model, &[spinfer::ChatMessage::new("user", q)])
+        .unwrap();
+    let reg = real.to_str().unwrap();
+    let base = [
+        "--registry",
+        reg,
+        "--model",
+        model,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ];
+    let run = |cmd: &str, extra: &[&str], stdin: Option<&str>| {
+        let mut args = vec![cmd];
+        args.extend(base);
+        args.extend(extra);
+        let o = spinfer_in(&root(), &args, stdin);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let by_hand = run("infer", &[&rendered], None);
+    assert_eq!(run("infer", &["--chat", q], None), by_hand);
+    let two_turns = run("chat", &[], Some(&format!("{q}\nAnd 12 times 8?\n")));
+    assert!(
+        two_turns.starts_with(&by_hand),
+        "{two_turns:?} vs {by_hand:?}"
+    );
+    assert!(
+        two_turns.len() > by_hand.len(),
+        "the second line got no answer"
+    );
+    // --system without --chat is a usage error.
+    let o = spinfer(&["infer", "--model", model, "--system", "be brief", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -25,92 +25,161 @@ Options (defaults are Spin's):
   --seed S                     fix the sampler's seed (reproducible output) [default: random]
   --chat                       PROMPT is a user message: apply the model's chat template
   --system TEXT                with --chat: a system message before it
+  --chat                       PROMPT is a user message: apply the model's chat template
+  --system TEXT                with --chat: a system message before it
   --json                       print only {\"text\": ..., \"usage\": {\"prompt_token_count\": n,
                                \"generated_token_count\": n}}
   -h, --help                   this message
 ";
 
-pub fn run(args: Vec<String>) -> Result<(), Failure> {
-    let mut p = Parser::new(args, USAGE);
+pub const CHAT_USAGE: &str = "\
+Usage: spinfer chat --model NAME [options]
+
+A conversation on the terminal: each line you type is a user message; the model's answer,
+rendered through its chat template with the whole conversation so far, is streamed back.
+End with Ctrl-D. Takes `spinfer infer`'s options (except --json and --chat).
+";
+
+/// What `infer` and `chat` take from the command line.
+struct Options {
+    model: String,
+    registry: String,
+    allow: Vec<String>,
+    params: InferencingParams,
+    seed: Option<u64>,
+    json: bool,
+    chat: bool,
+    system: Option<String>,
+    prompt: Option<String>,
+}
+
+fn parse(args: Vec<String>, usage: &'static str) -> Result<Options, Failure> {
+    let mut p = Parser::new(args, usage);
     let mut model = None;
-    let mut registry = DEFAULT_REGISTRY.to_string();
-    let mut allow: Vec<String> = Vec::new();
-    let mut params = InferencingParams::default();
-    let mut seed: Option<u64> = None;
-    let mut json = false;
-    let mut chat = false;
-    let mut system: Option<String> = None;
-    let mut prompt: Option<String> = None;
+    let mut o = Options {
+        model: String::new(),
+        registry: DEFAULT_REGISTRY.to_string(),
+        allow: Vec::new(),
+        params: InferencingParams::default(),
+        seed: None,
+        json: false,
+        chat: false,
+        system: None,
+        prompt: None,
+    };
+    let is_chat = usage == CHAT_USAGE;
     while let Some(arg) = p.next_arg() {
         match arg {
+            Arg::Positional(_) if is_chat => {
+                return Err(p.usage_error("chat takes no PROMPT: type the messages"))
+            }
             Arg::Positional(a) => {
-                if prompt.is_some() {
+                if o.prompt.is_some() {
                     return Err(p.usage_error(
                         "infer takes one PROMPT argument (quote a prompt with spaces)",
                     ));
                 }
-                prompt = Some(a);
+                o.prompt = Some(a);
             }
             Arg::Flag(f, v) => match f.as_str() {
-                "--help" => return Err(Failure::Help(USAGE)),
+                "--help" => return Err(Failure::Help(usage)),
                 "--model" => model = Some(p.value(&f, v)?),
-                "--registry" => registry = p.value(&f, v)?,
-                "--allow" => allow.push(p.value(&f, v)?),
-                "--max-tokens" => params.max_tokens = p.parsed(&f, v, "a whole number >= 0")?,
-                "--temperature" => params.temperature = p.parsed(&f, v, "a number")?,
-                "--top-k" => params.top_k = p.parsed(&f, v, "a whole number >= 0")?,
-                "--top-p" => params.top_p = p.parsed(&f, v, "a number")?,
-                "--repeat-penalty" => params.repeat_penalty = p.parsed(&f, v, "a number")?,
+                "--registry" => o.registry = p.value(&f, v)?,
+                "--allow" => o.allow.push(p.value(&f, v)?),
+                "--max-tokens" => o.params.max_tokens = p.parsed(&f, v, "a whole number >= 0")?,
+                "--temperature" => o.params.temperature = p.parsed(&f, v, "a number")?,
+                "--top-k" => o.params.top_k = p.parsed(&f, v, "a whole number >= 0")?,
+                "--top-p" => o.params.top_p = p.parsed(&f, v, "a number")?,
+                "--repeat-penalty" => o.params.repeat_penalty = p.parsed(&f, v, "a number")?,
                 "--repeat-penalty-last-n" => {
-                    params.repeat_penalty_last_n_token_count =
+                    o.params.repeat_penalty_last_n_token_count =
                         p.parsed(&f, v, "a whole number >= 0")?
                 }
-                "--seed" => seed = Some(p.parsed(&f, v, "a whole number (0 to 2^64-1)")?),
-                "--json" => {
+                "--seed" => o.seed = Some(p.parsed(&f, v, "a whole number (0 to 2^64-1)")?),
+                "--system" => o.system = Some(p.value(&f, v)?),
+                "--json" if !is_chat => {
                     p.no_flag_value(&f, &v)?;
-                    json = true
+                    o.json = true
                 }
-                "--chat" => {
+                "--chat" if !is_chat => {
                     p.no_flag_value(&f, &v)?;
-                    chat = true
+                    o.chat = true
                 }
-                "--system" => system = Some(p.value(&f, v)?),
                 _ => return Err(p.unknown(&f)),
             },
         }
     }
-    let model = model.ok_or_else(|| p.usage_error("--model NAME is required"))?;
-    let prompt = match prompt {
-        Some(p) => p,
-        None => read_stdin_prompt()?,
-    };
-
-    let engine = Engine::new(registry);
-    // Without --allow every model is allowed: the component's list is just the requested one.
-    let allowed = if allow.is_empty() {
-        vec![model.clone()]
-    } else {
-        allow
-    };
-    let component = engine.component(allowed);
-    if system.is_some() && !chat {
+    o.model = model.ok_or_else(|| p.usage_error("--model NAME is required"))?;
+    if o.system.is_some() && !o.chat && !is_chat {
         return Err(p.usage_error("--system needs --chat"));
     }
-    let prompt = if chat {
-        let mut messages: Vec<ChatMessage> = system
-            .into_iter()
-            .map(|s| ChatMessage::new("system", s))
+    Ok(o)
+}
+
+/// The engine and the component view the options describe. Without --allow every model is
+/// allowed: the component's list is just the requested one.
+fn engine(o: &Options) -> Engine {
+    Engine::new(&o.registry)
+}
+
+fn allowed(o: &Options) -> Vec<String> {
+    if o.allow.is_empty() {
+        vec![o.model.clone()]
+    } else {
+        o.allow.clone()
+    }
+}
+
+/// `text` streamed to stdout as it comes, then a newline.
+fn stream(
+    component: &spinfer::Component<'_>,
+    o: &Options,
+    prompt: &str,
+) -> Result<String, Failure> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_failed = None;
+    let mut emit = |frag: &str| {
+        if write_failed.is_none() {
+            if let Err(e) = out.write_all(frag.as_bytes()).and_then(|_| out.flush()) {
+                write_failed = Some(e);
+            }
+        }
+    };
+    let r = component.infer_streaming(&o.model, prompt, o.params, o.seed, &mut emit)?;
+    if let Some(e) = write_failed {
+        return Err(Failure::Io(format!("writing to stdout failed: {e}")));
+    }
+    writeln!(out)
+        .and_then(|_| out.flush())
+        .map_err(|e| Failure::Io(format!("writing to stdout failed: {e}")))?;
+    Ok(r.text)
+}
+
+pub fn run(args: Vec<String>) -> Result<(), Failure> {
+    let o = parse(args, USAGE)?;
+    let prompt = match &o.prompt {
+        Some(p) => p.clone(),
+        None => read_stdin_prompt()?,
+    };
+    let engine = engine(&o);
+    let component = engine.component(allowed(&o));
+    let prompt = if o.chat {
+        let mut messages: Vec<ChatMessage> = o
+            .system
+            .iter()
+            .map(|s| ChatMessage::new("system", s.as_str()))
             .collect();
         messages.push(ChatMessage::new("user", prompt));
-        component.chat_prompt(&model, &messages)?
+        component.chat_prompt(&o.model, &messages)?
     } else {
         prompt
     };
 
-    if json {
-        let r = match seed {
-            Some(s) => component.infer_with_seed(&model, &prompt, params, s)?,
-            None => component.infer_with_options(&model, &prompt, params)?,
+    if o.json {
+        let r = match o.seed {
+            Some(s) => component.infer_with_seed(&o.model, &prompt, o.params, s)?,
+            None => component.infer_with_options(&o.model, &prompt, o.params)?,
         };
         // Fields in the order the interface lists them.
         let out = serde_json::to_string(&JsonResult {
@@ -124,24 +193,40 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
         println!("{out}");
         return Ok(());
     }
+    stream(&component, &o, &prompt).map(|_| ())
+}
 
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_failed = None;
-    let mut emit = |frag: &str| {
-        if write_failed.is_none() {
-            if let Err(e) = out.write_all(frag.as_bytes()).and_then(|_| out.flush()) {
-                write_failed = Some(e);
-            }
+/// `spinfer chat`: read a line, answer it with the whole conversation as context, repeat.
+pub fn run_chat(args: Vec<String>) -> Result<(), Failure> {
+    use std::io::{BufRead, IsTerminal};
+    let o = parse(args, CHAT_USAGE)?;
+    let engine = engine(&o);
+    let component = engine.component(allowed(&o));
+    let mut messages: Vec<ChatMessage> = o
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.as_str()))
+        .collect();
+    let tty = std::io::stdin().is_terminal();
+    let prompt_sign = || {
+        if tty {
+            eprint!("> ");
         }
     };
-    component.infer_streaming(&model, &prompt, params, seed, &mut emit)?;
-    if let Some(e) = write_failed {
-        return Err(Failure::Io(format!("writing to stdout failed: {e}")));
+    prompt_sign();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| Failure::Io(format!("reading stdin failed: {e}")))?;
+        if line.trim().is_empty() {
+            prompt_sign();
+            continue;
+        }
+        messages.push(ChatMessage::new("user", line));
+        let prompt = component.chat_prompt(&o.model, &messages)?;
+        let answer = stream(&component, &o, &prompt)?;
+        messages.push(ChatMessage::new("assistant", answer));
+        prompt_sign();
     }
-    writeln!(out)
-        .and_then(|_| out.flush())
-        .map_err(|e| Failure::Io(format!("writing to stdout failed: {e}")))
+    Ok(())
 }
 
 #[derive(serde::Serialize)]

@@ -13,6 +13,7 @@ spinfer: run Spin's Serverless AI calls (infer, generate-embeddings) on the CPU
 
 Usage:
   spinfer infer --model NAME [options] [PROMPT]     generate text (prompt from stdin if absent)
+  spinfer chat --model NAME [options]               a conversation through the model's chat template
   spinfer embed --model NAME [options] [--] TEXT... embed texts (one per stdin line if absent)
   spinfer bench --model NAME [options]              speed beside the machine's measured limits
   spinfer help | --help                             this message
@@ -32,6 +33,7 @@ pub fn run(args: Vec<String>) -> i32 {
     let outcome = match cmd.as_str() {
         "" => Err(Failure::Usage("no command given".into(), USAGE)),
         "infer" => infer::run(rest),
+        "chat" => infer::run_chat(rest),
         "embed" => embed::run(rest),
         "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
