@@ -1153,6 +1153,8 @@ fn sentencepiece_vocab_encodes_like_sentencepiece() {
         cases.len(),
         bad.join("\n")
     );
+    // The unknown token's text is that token too (llama.cpp's tokenizer gives [BOS, 0]).
+    assert_eq!(t.tokenizer.encode("<unk>", true).unwrap().get_ids(), [1, 0]);
     // Control tokens in the text are one token each (llama.cpp parses them as special), and
     // the text after one gets its own dummy prefix, as llama.cpp gives it.
     let ids = t
