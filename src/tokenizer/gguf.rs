@@ -12,8 +12,8 @@
 //!   piece and every piece after a special token), pieces without a token fall back to the
 //!   `<0xNN>` byte tokens.
 //!
-//! Control tokens (token_type 3) are added as special tokens and user-defined ones (4) as added
-//! tokens, both matched whole in the raw text as llama.cpp's special-token partition does, so
+//! Control and unknown tokens (token_type 3, 2) are added as special tokens and user-defined
+//! ones (4) as added tokens, all matched whole in the raw text as llama.cpp's special-token partition does, so
 //! `<|im_start|>` in a prompt is one token. BOS/EOS are added by a post-processor when
 //! `tokenizer.ggml.add_bos_token` / `add_eos_token` say so (llama.cpp's defaults otherwise).
 
@@ -45,6 +45,7 @@ pub struct GgufTokenizer {
 }
 
 /// llama.cpp's token types (`llama_token_type`).
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 
@@ -259,18 +260,19 @@ pub fn tokenizer_from_gguf(meta: &Metadata) -> Result<GgufTokenizer, GgufError> 
         _ => unreachable!("model checked above"),
     };
 
-    // Control and user-defined tokens, matched whole in raw text.
-    let added = |want: i32| -> Vec<AddedToken> {
+    // Control, unknown and user-defined tokens, matched whole in raw text (llama.cpp's
+    // special-token partition takes all three when parsing specials, as a prompt is parsed).
+    let added = |want: &[i32], special: bool| -> Vec<AddedToken> {
         types
             .iter()
             .zip(tokens)
-            .filter(|(&t, _)| t == want)
-            .map(|(_, s)| AddedToken::from(s.clone(), want == CONTROL).normalized(false))
+            .filter(|(t, _)| want.contains(t))
+            .map(|(_, s)| AddedToken::from(s.clone(), special).normalized(false))
             .collect()
     };
-    tok.add_special_tokens(added(CONTROL))
+    tok.add_special_tokens(added(&[CONTROL, UNKNOWN], true))
         .map_err(|e| GgufError::invalid(format!("{src}: control tokens: {e}")))?;
-    tok.add_tokens(added(USER_DEFINED))
+    tok.add_tokens(added(&[USER_DEFINED], false))
         .map_err(|e| GgufError::invalid(format!("{src}: user-defined tokens: {e}")))?;
 
     let mut single = Vec::new();
