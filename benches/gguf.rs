@@ -5,8 +5,8 @@
 //! `fixtures/fetch-smollm2.sh && cargo bench --bench gguf`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use spinfer::tokenizer::gguf::tokenizer_from_gguf;
-use spinfer::weights::WeightStore;
+use spinfer::internals::tokenizer::gguf::tokenizer_from_gguf;
+use spinfer::internals::weights::WeightStore;
 use std::hint::black_box;
 use std::path::PathBuf;
 
