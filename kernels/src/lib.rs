@@ -322,85 +322,9 @@ pub(crate) struct Bf16Mm {
     pub mm: fn(&MatmulJob<'_>, usize, usize),
 }
 
-/// Columns r0..r1 of Y through the oracle, for the scalar tier.
-fn scalar_matmul_rows(j: &MatmulJob<'_>, r0: usize, r1: usize) {
-    for t in 0..j.n {
-        let x = &j.x[t * j.k..(t + 1) * j.k];
-        for r in r0..r1 {
-            let v = scalar::dot(j.w.row(r, j.k), x);
-            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
-            unsafe { *j.y.add(t * j.m + r) = v };
-        }
-    }
-}
-
-/// Panels (single rows: `pw_panel` is 1) p0..p1 of a pre-packed matmul, through the oracle.
-fn scalar_matmul_pw(j: &PwJob<'_>, p0: usize, p1: usize) {
-    for t in 0..j.n {
-        let x = &j.x[t * j.k..(t + 1) * j.k];
-        for r in p0..p1 {
-            let mut v = scalar::dot(Weights::F32(&j.w[r * j.k..(r + 1) * j.k]), x);
-            if let Some(b) = j.bias {
-                v += b[r];
-            }
-            if let Some(res) = j.residual {
-                v += res[t * j.m + r];
-            }
-            if j.gelu {
-                let mut g = [v];
-                scalar::gelu(&mut g);
-                v = g[0];
-            }
-            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
-            unsafe { *j.y.add(t * j.m + r) = v };
-        }
-    }
-}
-
-fn scalar_burn(iters: usize) -> f32 {
-    let mut acc = [0f32; 12];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = a.mul_add(0.999_999, 1e-7);
-        }
-    }
-    acc.iter().sum()
-}
-
-static SCALAR: Table = Table {
-    dot: scalar::dot,
-    matvec_ld: |w, ld, x, y| {
-        for (r, yr) in y.iter_mut().enumerate() {
-            *yr = scalar::dot(w.slice(r * ld, r * ld + x.len()), x);
-        }
-    },
-    matmul: scalar_matmul_rows,
-    matmul_bf16: None,
-    op_width: 0,
-    op_rows: 1,
-    matmul_pw: scalar_matmul_pw,
-    pw_panel: 1,
-    rmsnorm: scalar::rmsnorm,
-    layernorm: scalar::layernorm,
-    softmax: scalar::softmax,
-    silu: scalar::silu,
-    silu_mul: scalar::silu_mul,
-    gelu: scalar::gelu,
-    rope: scalar::rope,
-    add: scalar::add,
-    scale: scalar::scale,
-    axpy: scalar::axpy,
-    to_f32: scalar::to_f32,
-    burn: scalar_burn,
-    read: |x| x.iter().sum(),
-    bf16_burn: None,
-    qdot: quant::scalar::vec_dot,
-    qdot4: quant::scalar::vec_dot4,
-};
-
 fn table(isa: Isa) -> Option<&'static Table> {
     match isa {
-        Isa::Scalar => Some(&SCALAR),
+        Isa::Scalar => Some(&scalar::TABLE),
         Isa::Portable => Some(&portable::TABLE),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Some(&x86_64::avx2::TABLE),
@@ -639,17 +563,23 @@ thread_local! {
     static ACTS: RefCell<ActBuf> = const { RefCell::new(ActBuf::new()) };
 }
 
-/// `f` with this thread's activation buffer (a fresh one for a nested call on this thread).
+/// `f` with this thread's scratch buffer in `key`, or a fresh one for a nested call on this
+/// thread (a kernel called from inside another's parallel section): the one place that decides
+/// how per-thread scratch is shared.
+fn with_scratch<T, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    fresh: impl FnOnce() -> T,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|c| match c.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut fresh()),
+    })
+}
+
+/// `f` with this thread's activation buffer.
 pub(crate) fn with_acts<R>(f: impl FnOnce(&mut ActBuf) -> R) -> R {
-    let mut f = Some(f);
-    let r = ACTS.with(|c| match c.try_borrow_mut() {
-        Ok(mut b) => Some((f.take().unwrap())(&mut b)),
-        Err(_) => None,
-    });
-    match r {
-        Some(r) => r,
-        None => (f.take().unwrap())(&mut ActBuf::new()),
-    }
+    with_scratch(&ACTS, ActBuf::new, f)
 }
 
 /// Panics unless rows of `cols` values are whole blocks of `f`.
@@ -915,7 +845,7 @@ impl Kernels {
             // At least half a vector of tokens: outer products (a last group of ≤ one vector
             // runs one-vector tiles); else dot tiles.
             if tw > 0 && 2 * n >= self.isa.lanes() && k > 0 {
-                let mut go = |xp: &mut Vec<f32>| {
+                let go = |xp: &mut Vec<f32>| {
                     let len = n.div_ceil(tw) * k * tw;
                     xp.resize(len + 16, 0.0);
                     // Panels start on a cache line: their vector loads never split one.
@@ -934,11 +864,7 @@ impl Kernels {
                     };
                     self.run_matmul(self.t.matmul, &job, self.t.op_rows);
                 };
-                // A nested call on this thread (from a parallel section) gets its own buffer.
-                return XP.with(|c| match c.try_borrow_mut() {
-                    Ok(mut xp) => go(&mut xp),
-                    Err(_) => go(&mut Vec::new()),
-                });
+                return with_scratch(&XP, Vec::new, go);
             }
             let job = MatmulJob {
                 w,
@@ -952,7 +878,7 @@ impl Kernels {
             };
             return self.run_matmul(self.t.matmul, &job, 48);
         };
-        let mut go = |xb: &mut Vec<u16>| {
+        let go = |xb: &mut Vec<u16>| {
             xb.resize(n * k, 0);
             (bf.cvt)(x, xb);
             let job = MatmulJob {
@@ -967,11 +893,7 @@ impl Kernels {
             };
             self.run_matmul(bf.mm, &job, 48);
         };
-        // A nested call on this thread (from inside a parallel section) gets its own buffer.
-        XB.with(|c| match c.try_borrow_mut() {
-            Ok(mut xb) => go(&mut xb),
-            Err(_) => go(&mut Vec::new()),
-        })
+        with_scratch(&XB, Vec::new, go)
     }
 
     /// Repack W (m, k) for [`Kernels::matmul_packed`]: f32 panels of the tier's tile width.
@@ -1068,7 +990,7 @@ impl Kernels {
             // by `amx::pack_x` for (n, k); `run_matmul` gives threads disjoint row ranges.
             unsafe { amx::matmul_rows(j, r0, r1) }
         }
-        let mut go = |xb: &mut Vec<u16>| {
+        let go = |xb: &mut Vec<u16>| {
             xb.resize(amx::packed_len(n, k), 0);
             amx::pack_x(x, n, k, xb);
             let job = MatmulJob {
@@ -1083,11 +1005,7 @@ impl Kernels {
             };
             self.run_matmul(rows, &job, 48);
         };
-        // A nested call on this thread (from inside a parallel section) gets its own buffer.
-        XB.with(|c| match c.try_borrow_mut() {
-            Ok(mut xb) => go(&mut xb),
-            Err(_) => go(&mut Vec::new()),
-        })
+        with_scratch(&XB, Vec::new, go)
     }
 
     /// Y = X Wᵀ for block-format W: each token row of X quantized once (in parallel), then

@@ -91,4 +91,12 @@ impl Simd for Portable {
 
 // Block formats: the oracle's integer dots (`quant::scalar::vec_dot`, the macro's default)
 // for now; a `wide` body would gain little over what the compiler makes of those loops.
-crate::simd::tier_table!(TABLE, Portable, inline, 2, 2, 4, 1, 4, 1, None, None);
+crate::simd::tier_table!(TABLE {
+    simd: Portable,
+    attr: inline,
+    dot_tile: (2, 2),
+    op_tile: (4, 1),
+    packed_tile: (4, 1),
+    bf16_matmul: None,
+    bf16_burn: None,
+});

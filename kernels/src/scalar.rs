@@ -181,3 +181,85 @@ pub fn to_f32(w: Weights<'_>, out: &mut [f32]) {
         *o = weight_at(w, i);
     }
 }
+
+// ---- The scalar tier's table: the bodies above, as the other tiers' tables hold theirs. ----
+
+use crate::simd::{MatmulJob, PwJob};
+use crate::Table;
+
+/// Columns r0..r1 of Y through the oracle, for the scalar tier.
+fn scalar_matmul_rows(j: &MatmulJob<'_>, r0: usize, r1: usize) {
+    for t in 0..j.n {
+        let x = &j.x[t * j.k..(t + 1) * j.k];
+        for r in r0..r1 {
+            let v = dot(j.w.row(r, j.k), x);
+            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
+            unsafe { *j.y.add(t * j.m + r) = v };
+        }
+    }
+}
+
+/// Panels (single rows: `pw_panel` is 1) p0..p1 of a pre-packed matmul, through the oracle.
+fn scalar_matmul_pw(j: &PwJob<'_>, p0: usize, p1: usize) {
+    for t in 0..j.n {
+        let x = &j.x[t * j.k..(t + 1) * j.k];
+        for r in p0..p1 {
+            let mut v = dot(Weights::F32(&j.w[r * j.k..(r + 1) * j.k]), x);
+            if let Some(b) = j.bias {
+                v += b[r];
+            }
+            if let Some(res) = j.residual {
+                v += res[t * j.m + r];
+            }
+            if j.gelu {
+                let mut g = [v];
+                gelu(&mut g);
+                v = g[0];
+            }
+            // SAFETY: (t, r) lies in Y (n, m); callers give each thread disjoint r ranges.
+            unsafe { *j.y.add(t * j.m + r) = v };
+        }
+    }
+}
+
+fn scalar_burn(iters: usize) -> f32 {
+    let mut acc = [0f32; 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    acc.iter().sum()
+}
+
+/// The scalar tier: the oracle's bodies in the kernel table.
+pub(crate) static TABLE: Table = Table {
+    dot,
+    matvec_ld: |w, ld, x, y| {
+        for (r, yr) in y.iter_mut().enumerate() {
+            *yr = dot(w.slice(r * ld, r * ld + x.len()), x);
+        }
+    },
+    matmul: scalar_matmul_rows,
+    matmul_bf16: None,
+    op_width: 0,
+    op_rows: 1,
+    matmul_pw: scalar_matmul_pw,
+    pw_panel: 1,
+    rmsnorm,
+    layernorm,
+    softmax,
+    silu,
+    silu_mul,
+    gelu,
+    rope,
+    add,
+    scale,
+    axpy,
+    to_f32,
+    burn: scalar_burn,
+    read: |x| x.iter().sum(),
+    bf16_burn: None,
+    qdot: crate::quant::scalar::vec_dot,
+    qdot4: crate::quant::scalar::vec_dot4,
+};

@@ -1283,28 +1283,44 @@ pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
 
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
-/// `$S` the tier's [`Simd`] token (a unit struct); `$rt`/`$tt` the dot-product matmul tile
-/// (weight rows × tokens); `$mr`/`$nv` the outer-product tile (weight rows × token vectors);
-/// `$pt`/`$pnv` the pre-packed-weights tile (tokens × vectors of output columns).
+/// `simd`: the tier's [`Simd`] token (a unit struct); `dot_tile`: the dot-product matmul tile
+/// (weight rows × tokens); `op_tile`: the outer-product tile (weight rows × token vectors);
+/// `packed_tile`: the pre-packed-weights tile (tokens × vectors of output columns);
+/// `quant_dot`/`quant_dot4`: block-format dots (default: the oracle's).
 macro_rules! tier_table {
-    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr) => {
-        crate::simd::tier_table!(
-            $name,
-            $S,
-            $attr,
-            $rt,
-            $tt,
-            $mr,
-            $nv,
-            $pt,
-            $pnv,
-            $bf16mm,
-            $bf16burn,
-            crate::quant::scalar::vec_dot,
-            crate::quant::scalar::vec_dot4
-        );
+    // Named form, without quantized dots: the oracle's.
+    ($name:ident {
+        simd: $S:ident,
+        attr: $attr:meta,
+        dot_tile: ($rt:literal, $tt:literal),
+        op_tile: ($mr:literal, $nv:literal),
+        packed_tile: ($pt:literal, $pnv:literal),
+        bf16_matmul: $bf16mm:expr,
+        bf16_burn: $bf16burn:expr $(,)?
+    }) => {
+        crate::simd::tier_table!($name {
+            simd: $S,
+            attr: $attr,
+            dot_tile: ($rt, $tt),
+            op_tile: ($mr, $nv),
+            packed_tile: ($pt, $pnv),
+            bf16_matmul: $bf16mm,
+            bf16_burn: $bf16burn,
+            quant_dot: crate::quant::scalar::vec_dot,
+            quant_dot4: crate::quant::scalar::vec_dot4,
+        });
     };
-    ($name:ident, $S:ident, $attr:meta, $rt:literal, $tt:literal, $mr:literal, $nv:literal, $pt:literal, $pnv:literal, $bf16mm:expr, $bf16burn:expr, $qdot:expr, $qdot4:expr) => {
+    ($name:ident {
+        simd: $S:ident,
+        attr: $attr:meta,
+        dot_tile: ($rt:literal, $tt:literal),
+        op_tile: ($mr:literal, $nv:literal),
+        packed_tile: ($pt:literal, $pnv:literal),
+        bf16_matmul: $bf16mm:expr,
+        bf16_burn: $bf16burn:expr,
+        quant_dot: $qdot:expr,
+        quant_dot4: $qdot4:expr $(,)?
+    }) => {
         use crate::simd as g;
         use crate::Weights;
         // SAFETY (all wrappers below): the table holding these fns is only handed out by

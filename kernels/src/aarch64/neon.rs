@@ -104,16 +104,12 @@ impl Simd for Neon {
 
 // Block formats: the oracle's integer dots (`quant::scalar::vec_dot`, the macro's default)
 // for now. TODO: a NEON body (`vdotq_s32` where the CPU has dotprod, as ggml's arm quants.c).
-crate::simd::tier_table!(
-    TABLE,
-    Neon,
-    target_feature(enable = "neon"),
-    4,
-    4,
-    8,
-    2,
-    8,
-    2,
-    None,
-    None
-);
+crate::simd::tier_table!(TABLE {
+    simd: Neon,
+    attr: target_feature(enable = "neon"),
+    dot_tile: (4, 4),
+    op_tile: (8, 2),
+    packed_tile: (8, 2),
+    bf16_matmul: None,
+    bf16_burn: None,
+});

@@ -91,19 +91,15 @@ impl Simd for Avx2 {
     }
 }
 
-crate::simd::tier_table!(
-    TABLE,
-    Avx2,
-    target_feature(enable = "avx2,fma,f16c"),
-    4,
-    2,
-    6,
-    2,
-    6,
-    2,
-    None,
-    None,
+crate::simd::tier_table!(TABLE {
+    simd: Avx2,
+    attr: target_feature(enable = "avx2,fma,f16c"),
+    dot_tile: (4, 2),
+    op_tile: (6, 2),
+    packed_tile: (6, 2),
+    bf16_matmul: None,
+    bf16_burn: None,
     // SAFETY: this table is only handed out where the CPU has AVX2, FMA and F16C.
-    |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-    |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
-);
+    quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+    quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+});

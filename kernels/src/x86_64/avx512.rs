@@ -98,46 +98,38 @@ impl Simd for Avx512 {
 
 mod plain {
     use super::Avx512;
-    crate::simd::tier_table!(
-        TABLE,
-        Avx512,
-        target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        2,
-        12,
-        6,
-        4,
-        12,
-        2,
-        None,
-        None,
+    crate::simd::tier_table!(TABLE {
+        simd: Avx512,
+        attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
+        dot_tile: (2, 12),
+        op_tile: (6, 4),
+        packed_tile: (12, 2),
+        bf16_matmul: None,
+        bf16_burn: None,
         // SAFETY: the AVX-512 tier is only handed out where the CPU also has AVX2 (checked in
         // `Isa::is_available`), FMA and F16C. No AVX-512 VNNI body: it could not be run here.
-        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
-    );
+        quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+    });
 }
 
 mod with_bf16 {
     use super::{bf16dot, Avx512};
-    crate::simd::tier_table!(
-        TABLE,
-        Avx512,
-        target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        2,
-        12,
-        6,
-        4,
-        12,
-        2,
-        Some(crate::Bf16Mm {
+    crate::simd::tier_table!(TABLE {
+        simd: Avx512,
+        attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
+        dot_tile: (2, 12),
+        op_tile: (6, 4),
+        packed_tile: (12, 2),
+        bf16_matmul: Some(crate::Bf16Mm {
             cvt: |x, o| unsafe { bf16dot::cvt(x, o) },
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
         }),
-        Some(|i| unsafe { bf16dot::burn(i) }),
+        bf16_burn: Some(|i| unsafe { bf16dot::burn(i) }),
         // SAFETY: as in the table above.
-        |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-        |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) }
-    );
+        quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
+        quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+    });
 }
 
 /// The AVX-512 table, with the BF16 dot path when this CPU has `avx512bf16`.
