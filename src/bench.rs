@@ -364,12 +364,15 @@ pub fn format_embed(b: &EmbedBench, l: &Limits) -> String {
     s
 }
 
-/// Total size of the safetensors files in a model folder.
+/// Total size of the weight files (safetensors or GGUF) in a model folder.
 fn weights_file_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.ends_with(".safetensors") || name.ends_with(".gguf")
+                })
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
                 .sum()
