@@ -59,6 +59,22 @@ pub enum Weights<'a> {
     Q6K(&'a [BlockQ6K]),
 }
 
+/// A pattern matching every block-format variant of [`Weights`] (the float kernels' match arms
+/// that must never see them name them all through this, so a new format is one edit).
+macro_rules! block_formats {
+    () => {
+        Weights::Q8_0(_)
+            | Weights::Q4_0(_)
+            | Weights::Q4_1(_)
+            | Weights::Q5_0(_)
+            | Weights::Q5_1(_)
+            | Weights::Q4K(_)
+            | Weights::Q5K(_)
+            | Weights::Q6K(_)
+    };
+}
+pub(crate) use block_formats;
+
 /// `$body` with `$s` bound to the typed block slice of any variant of `$w`.
 macro_rules! with_blocks {
     ($w:expr, $s:ident => $body:expr) => {
@@ -905,14 +921,7 @@ impl Kernels {
             Weights::F16(w) => simd::pack_w(w, m, k, p),
             Weights::Bf16(w) => simd::pack_w(w, m, k, p),
             // Blocks are widened once here; packing copies the weights anyway.
-            Weights::Q8_0(_)
-            | Weights::Q4_0(_)
-            | Weights::Q4_1(_)
-            | Weights::Q5_0(_)
-            | Weights::Q5_1(_)
-            | Weights::Q4K(_)
-            | Weights::Q5K(_)
-            | Weights::Q6K(_) => {
+            block_formats!() => {
                 let mut f = vec![0f32; m * k];
                 scalar::to_f32(w, &mut f);
                 simd::pack_w(&f, m, k, p)

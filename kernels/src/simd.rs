@@ -10,6 +10,7 @@
 //! here are instantiated inside that tier's `#[target_feature]` wrappers (see `tier_table!`),
 //! so the intrinsics inline with the right features enabled. No closures in hot loops: they would not inherit the target features.
 
+use crate::block_formats;
 use crate::{bf16, f16, Weights};
 
 /// A vector register of `N` f32 lanes and the few operations the kernels need.
@@ -244,14 +245,7 @@ pub(crate) unsafe fn matvec_ld<S: Simd>(s: S, w: Weights<'_>, ld: usize, x: &[f3
         Weights::F32(w) => matvec_e(s, w, ld, x, y),
         Weights::F16(w) => matvec_e(s, w, ld, x, y),
         Weights::Bf16(w) => matvec_e(s, w, ld, x, y),
-        Weights::Q8_0(_)
-        | Weights::Q4_0(_)
-        | Weights::Q4_1(_)
-        | Weights::Q5_0(_)
-        | Weights::Q5_1(_)
-        | Weights::Q4K(_)
-        | Weights::Q5K(_)
-        | Weights::Q6K(_) => unreachable!(
+        block_formats!() => unreachable!(
             "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
             w.format().name()
         ),
@@ -396,14 +390,7 @@ pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
         Weights::F32(w) => matmul_packed::<S, f32, RT, TT>(s, job, w, r0, r1),
         Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
         Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
-        Weights::Q8_0(_)
-        | Weights::Q4_0(_)
-        | Weights::Q4_1(_)
-        | Weights::Q5_0(_)
-        | Weights::Q5_1(_)
-        | Weights::Q4K(_)
-        | Weights::Q5K(_)
-        | Weights::Q6K(_) => unreachable!(
+        block_formats!() => unreachable!(
             "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
             job.w.format().name()
         ),
@@ -531,14 +518,7 @@ pub(crate) unsafe fn matmul_op<S: Simd, const MR: usize, const NV: usize>(
         Weights::F32(w) => op::<S, f32, MR, NV>(s, job, w, r0, r1),
         Weights::F16(w) => op::<S, f16, MR, NV>(s, job, w, r0, r1),
         Weights::Bf16(w) => op::<S, bf16, MR, NV>(s, job, w, r0, r1),
-        Weights::Q8_0(_)
-        | Weights::Q4_0(_)
-        | Weights::Q4_1(_)
-        | Weights::Q5_0(_)
-        | Weights::Q5_1(_)
-        | Weights::Q4K(_)
-        | Weights::Q5K(_)
-        | Weights::Q6K(_) => unreachable!(
+        block_formats!() => unreachable!(
             "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
             job.w.format().name()
         ),
@@ -899,14 +879,7 @@ pub(crate) unsafe fn to_f32<S: Simd>(s: S, w: Weights<'_>, out: &mut [f32]) {
         Weights::F32(w) => out.copy_from_slice(w),
         Weights::F16(w) => widen(s, w, out),
         Weights::Bf16(w) => widen(s, w, out),
-        Weights::Q8_0(_)
-        | Weights::Q4_0(_)
-        | Weights::Q4_1(_)
-        | Weights::Q5_0(_)
-        | Weights::Q5_1(_)
-        | Weights::Q4K(_)
-        | Weights::Q5K(_)
-        | Weights::Q6K(_) => unreachable!(
+        block_formats!() => unreachable!(
             "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
             w.format().name()
         ),
