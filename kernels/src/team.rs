@@ -57,6 +57,24 @@ impl<'a> Shared<'a> {
     pub unsafe fn get(&self) -> &[f32] {
         std::slice::from_raw_parts(self.ptr, self.len)
     }
+    /// Elements `range` as a buffer of their own (a layer's part of a cache, say). Touches
+    /// nothing.
+    pub fn sub(&self, range: std::ops::Range<usize>) -> Shared<'a> {
+        assert!(range.start <= range.end && range.end <= self.len);
+        Shared {
+            // SAFETY: in bounds (asserted); the pointer is only dereferenced by the accessors.
+            ptr: unsafe { self.ptr.add(range.start) },
+            len: range.end - range.start,
+            _life: PhantomData,
+        }
+    }
+
+    fn overlaps(&self, other: &Shared<'_>) -> bool {
+        let (a0, b0) = (self.ptr as usize, other.ptr as usize);
+        let (a1, b1) = (a0 + self.len * 4, b0 + other.len * 4);
+        self.len > 0 && other.len > 0 && a0 < b1 && b0 < a1
+    }
+
     /// The whole slice; as [`Shared::slice`].
     ///
     /// # Safety
@@ -152,10 +170,69 @@ impl Team<'_> {
         self.barrier();
     }
 
+    /// `f` on thread 0 alone with every buffer of `bufs` (pairwise disjoint), while the other
+    /// threads wait; ends with a barrier. The serial steps of a phase (a norm, a residual add)
+    /// go through here, so that no code outside the team touches a shared buffer unguarded.
+    pub fn serial<const N: usize>(&self, bufs: [Shared<'_>; N], f: impl FnOnce([&mut [f32]; N])) {
+        assert_disjoint(&bufs);
+        if self.id == 0 {
+            // SAFETY: the buffers are disjoint (asserted) and no other thread runs anything
+            // but this barrier until thread 0 is done with them.
+            f(bufs.map(|b| unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) }));
+        }
+        self.barrier();
+    }
+
+    /// The threads share `n` items: item `i` gets, exclusively, the `i`-th chunk of `len`
+    /// values of each buffer (the last chunk may be shorter); the buffers must be pairwise
+    /// disjoint and hold `n` chunks. Ends with a barrier.
+    pub fn share_chunks<const N: usize>(
+        &self,
+        n: usize,
+        bufs: [(Shared<'_>, usize); N],
+        f: impl Fn(usize, [&mut [f32]; N]),
+    ) {
+        assert_disjoint(&bufs.map(|b| b.0));
+        for (b, len) in &bufs {
+            assert!(
+                n == 0 || (n - 1) * len < b.len.max(1) && b.len <= n * len,
+                "share_chunks: a buffer of {} is not {n} chunks of {len}",
+                b.len
+            );
+        }
+        self.share(n, |i| {
+            // SAFETY: chunk i of each buffer goes to this item only (`share` runs each i once)
+            // and the buffers are disjoint, so no two items touch the same element.
+            f(
+                i,
+                bufs.map(|(b, len)| unsafe {
+                    let (s, e) = (i * len, ((i + 1) * len).min(b.len));
+                    std::slice::from_raw_parts_mut(b.ptr.add(s), e - s)
+                }),
+            )
+        });
+    }
+
+    /// [`Team::matvecs`] with `x` in a shared buffer, which no output may overlap: the phase
+    /// only reads it, and the barrier before the phase ended its writes.
+    pub fn matvecs_shared(&self, k: &Kernels, jobs: &[(Weights<'_>, Shared<'_>)], x: Shared<'_>) {
+        // SAFETY: `matvecs` asserts that no output overlaps x, so nothing in this phase
+        // writes it.
+        self.matvecs(k, jobs, unsafe { std::slice::from_raw_parts(x.ptr, x.len) })
+    }
+
     /// y_i = W_i x for up to four matrices sharing `x`, the rows shared out in ~256 KiB
     /// blocks (see [`Kernels::matvecs`]); ends with a barrier. Block-format weights: every
     /// thread quantizes `x` itself, into its own reused buffer.
     pub fn matvecs(&self, k: &Kernels, jobs: &[(Weights<'_>, Shared<'_>)], x: &[f32]) {
+        let xs = Shared {
+            ptr: x.as_ptr() as *mut f32,
+            len: x.len(),
+            _life: PhantomData,
+        };
+        for (_, y) in jobs {
+            assert!(!y.overlaps(&xs), "Team::matvecs: an output overlaps x");
+        }
         // Each thread quantizes x (small) for block formats into its own buffer: no barrier.
         crate::with_acts(|buf| {
             let acts = buf.fill_for(jobs.iter().map(|j| j.0.format()), x);
@@ -166,6 +243,14 @@ impl Team<'_> {
             // SAFETY: `share` hands each block to one thread.
             self.share(mb.count, |b| unsafe { mb.run(b) });
         })
+    }
+}
+
+fn assert_disjoint(bufs: &[Shared<'_>]) {
+    for (i, a) in bufs.iter().enumerate() {
+        for b in &bufs[i + 1..] {
+            assert!(!a.overlaps(b), "team: two buffers of one step overlap");
+        }
     }
 }
 

@@ -55,3 +55,33 @@ fn a_panic_inside_a_shared_phase_is_an_error() {
     });
     assert!(r.unwrap_err().0.contains("block 37"));
 }
+
+#[test]
+fn share_chunks_hands_each_item_its_own_chunks_and_serial_runs_once() {
+    let (mut a, mut b) = (vec![0f32; 10], vec![0f32; 5]);
+    let (sa, sb) = (Shared::new(&mut a), Shared::new(&mut b));
+    let mut calls = vec![0f32; 1];
+    let sc = Shared::new(&mut calls);
+    run(|t| {
+        // 5 items: item i gets a[2i..2i+2] and b[i..i+1].
+        t.share_chunks(5, [(sa, 2), (sb, 1)], |i, [a, b]| {
+            a.fill(i as f32);
+            b[0] = 10.0 + i as f32;
+        });
+        t.serial([sc], |[c]| c[0] += 1.0);
+    })
+    .unwrap();
+    assert_eq!(a, [0., 0., 1., 1., 2., 2., 3., 3., 4., 4.]);
+    assert_eq!(b, [10., 11., 12., 13., 14.]);
+    assert_eq!(calls, [1.0]);
+}
+
+#[test]
+fn overlapping_buffers_are_refused() {
+    let mut a = vec![0f32; 8];
+    let sa = Shared::new(&mut a);
+    let e = run(|t| t.serial([sa.sub(0..4), sa.sub(2..6)], |_| {})).unwrap_err();
+    assert!(e.0.contains("overlap"), "{e}");
+    let e = run(|t| t.share_chunks(2, [(sa, 4), (sa.sub(4..8), 2)], |_, _| {})).unwrap_err();
+    assert!(e.0.contains("overlap"), "{e}");
+}

@@ -350,59 +350,64 @@ impl Forward<'_> {
         let logits = Shared::new(&mut s.logits);
         let row = scores.len() / cfg.num_attention_heads;
 
-        // SAFETY (every `Shared` access below): between two barriers each element is written
-        // by one thread at most and then not read by another: serial steps run on thread 0,
-        // shared steps write disjoint rows, kv heads or blocks.
-        let ran = team::try_run(|t| unsafe {
+        let nkv = cfg.num_key_value_heads;
+        let inter = cfg.intermediate_size;
+        // Every step below reaches the shared buffers through the team's helpers, which hand
+        // each thread disjoint parts (or thread 0 all of them) between two barriers.
+        let ran = team::try_run(|t| {
             for (l, lw) in self.w.layers.iter().enumerate() {
-                if t.id == 0 {
-                    k.rmsnorm(x.get(), &lw.attn_norm, eps, xn.all());
-                }
-                t.barrier();
+                t.serial([x, xn], |[x, xn]| k.rmsnorm(x, &lw.attn_norm, eps, xn));
                 let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
-                t.matvecs(k, &[(wq, q), (wk, kn), (wv, vn)], xn.get());
+                t.matvecs_shared(k, &[(wq, q), (wk, kn), (wv, vn)], xn);
 
-                // Attention by kv head: RoPE, into the cache, then the group's query heads.
-                t.share(cfg.num_key_value_heads, |g| {
-                    let r = layout.range(l, g);
-                    let mut kvh = layout.head(k_store.slice(r.clone()), v_store.slice(r));
-                    let kg = kn.slice(g * hd..(g + 1) * hd);
+                // Attention by kv head (chunk g of each buffer is kv head g's): RoPE, into
+                // the cache, then the group's query heads.
+                let layer = layout.range(l, 0).start..layout.range(l, nkv - 1).end;
+                let per = layout.range(l, 0).len();
+                let bufs = [
+                    (k_store.sub(layer.clone()), per),
+                    (v_store.sub(layer), per),
+                    (kn, hd),
+                    (vn, hd),
+                    (q, group * hd),
+                    (scores, group * row),
+                    (att, group * hd),
+                ];
+                t.share_chunks(nkv, bufs, |_, [kc, vc, kg, vg, qg, sc, out]| {
+                    let mut kvh = layout.head(kc, vc);
                     self.rope(kg, cos, sin);
-                    kvh.write(p0, kg, vn.slice(g * hd..(g + 1) * hd));
-                    for head in g * group..(g + 1) * group {
-                        let qh = q.slice(head * hd..(head + 1) * hd);
+                    kvh.write(p0, kg, vg);
+                    for j in 0..group {
+                        let qh = &mut qg[j * hd..(j + 1) * hd];
                         self.rope(qh, cos, sin);
-                        let sc = scores.slice(head * row..(head + 1) * row);
-                        let out = att.slice(head * hd..(head + 1) * hd);
+                        let (sc, out) = (
+                            &mut sc[j * row..(j + 1) * row],
+                            &mut out[j * hd..(j + 1) * hd],
+                        );
                         self.attend(kvh.read(), qh, len, sc, out);
                     }
                 });
-                t.matvecs(k, &[(self.w.w(lw.wo), xn)], att.get());
-                if t.id == 0 {
-                    k.add(x.all(), xn.get());
-                    k.rmsnorm(x.get(), &lw.ffn_norm, eps, xn.all());
-                }
-                t.barrier();
+                t.matvecs_shared(k, &[(self.w.w(lw.wo), xn)], att);
+                t.serial([x, xn], |[x, xn]| {
+                    k.add(x, xn);
+                    k.rmsnorm(x, &lw.ffn_norm, eps, xn);
+                });
 
                 // SwiGLU feed-forward block.
                 let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
-                t.matvecs(k, &[(wg, gate), (wu, up)], xn.get());
+                t.matvecs_shared(k, &[(wg, gate), (wu, up)], xn);
                 const SILU_BLOCK: usize = 1024;
-                t.share(gate.len().div_ceil(SILU_BLOCK), |b| {
-                    let r = b * SILU_BLOCK..((b + 1) * SILU_BLOCK).min(gate.len());
-                    k.silu_mul(gate.slice(r.clone()), up.slice(r));
-                });
-                t.matvecs(k, &[(self.w.w(lw.w_down), xn)], gate.get());
-                if t.id == 0 {
-                    k.add(x.all(), xn.get());
-                }
-                t.barrier();
+                let blocks = inter.div_ceil(SILU_BLOCK);
+                t.share_chunks(
+                    blocks,
+                    [(gate, SILU_BLOCK), (up, SILU_BLOCK)],
+                    |_, [g, u]| k.silu_mul(g, u),
+                );
+                t.matvecs_shared(k, &[(self.w.w(lw.w_down), xn)], gate);
+                t.serial([x, xn], |[x, xn]| k.add(x, xn));
             }
-            if t.id == 0 {
-                k.rmsnorm(x.get(), &self.w.norm, eps, xn.all());
-            }
-            t.barrier();
-            t.matvecs(k, &[(self.w.w(self.w.lm_head), logits)], xn.get());
+            t.serial([x, xn], |[x, xn]| k.rmsnorm(x, &self.w.norm, eps, xn));
+            t.matvecs_shared(k, &[(self.w.w(self.w.lm_head), logits)], xn);
         });
         match ran {
             Ok(true) => s.pos += 1,
