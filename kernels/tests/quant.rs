@@ -23,16 +23,10 @@ use spinfer_kernels::{
 mod common;
 use common::Rng;
 
-const BLOCK_FORMATS: [Format; 8] = [
-    Format::Q8_0,
-    Format::Q4_0,
-    Format::Q4_1,
-    Format::Q5_0,
-    Format::Q5_1,
-    Format::Q4K,
-    Format::Q5K,
-    Format::Q6K,
-];
+/// Every block format (the formats that are not one value per slot).
+fn block_formats() -> Vec<Format> {
+    Format::ALL.into_iter().filter(|f| !f.is_float()).collect()
+}
 
 fn tiers() -> Vec<Kernels> {
     Isa::available()
@@ -256,7 +250,7 @@ fn col_sizes(f: Format) -> &'static [usize] {
 #[test]
 fn dot_and_matvec_match_oracle_every_tier() {
     let mut rng = Rng(1);
-    for f in BLOCK_FORMATS {
+    for f in block_formats() {
         for &cols in col_sizes(f) {
             for rows in [1, 7, 33, 257] {
                 let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
@@ -349,7 +343,7 @@ fn matvecs_mixed_formats_and_team_match_oracle() {
 #[test]
 fn matmul_matches_oracle_every_tier() {
     let mut rng = Rng(3);
-    for f in BLOCK_FORMATS {
+    for f in block_formats() {
         let cols = if f.block_len() == 256 { 512 } else { 96 };
         for (rows, ns) in [
             (33, (1..=17).collect::<Vec<_>>()),
@@ -384,7 +378,7 @@ fn matmul_matches_oracle_every_tier() {
 #[test]
 fn to_f32_and_value_at_equal_dequantize() {
     let mut rng = Rng(4);
-    for f in BLOCK_FORMATS {
+    for f in block_formats() {
         let s = Store::random(f, 3, &mut rng);
         let want = deq(s.w());
         for k in tiers() {
@@ -413,7 +407,7 @@ fn to_f32_and_value_at_equal_dequantize() {
 fn int8_path_close_to_float_dot() {
     let mut rng = Rng(5);
     let (rows, cols) = (64, 1024);
-    for f in BLOCK_FORMATS {
+    for f in block_formats() {
         let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
         let (wdq, mu) = (deq(s.w()), s.mins());
         let x = acts_x(&mut rng, cols);
@@ -543,10 +537,10 @@ fn aligned<'a>(buf: &'a mut Vec<u8>, bytes: &[u8]) -> &'a [u8] {
 fn dequantize_matches_gguf_py() {
     let r = reference();
     let formats = r["formats"].as_array().unwrap();
-    assert_eq!(formats.len(), BLOCK_FORMATS.len());
+    assert_eq!(formats.len(), block_formats().len());
     for e in formats {
         let name = e["format"].as_str().unwrap();
-        let f = BLOCK_FORMATS
+        let f = block_formats()
             .into_iter()
             .find(|f| f.name() == name)
             .unwrap();
@@ -723,7 +717,7 @@ impl ActStore {
 fn integer_sums_exact_with_power_of_two_scales() {
     let mut rng = Rng(8);
     // Each tier's one-token and four-token dots (the latter through matmul's inner step).
-    for f in BLOCK_FORMATS {
+    for f in block_formats() {
         let cols = 512;
         let s = pow2_store(f, cols / f.block_len(), &mut rng);
         let (wdq, mu) = (deq(s.w()), s.mins());

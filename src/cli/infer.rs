@@ -116,12 +116,8 @@ fn parse(args: Vec<String>, usage: &'static str) -> Result<Options, Failure> {
     Ok(o)
 }
 
-/// The engine and the component view the options describe. Without --allow every model is
-/// allowed: the component's list is just the requested one.
-fn engine(o: &Options) -> Engine {
-    Engine::new(&o.registry)
-}
-
+/// The component's `ai_models`: without --allow every model is allowed, so the list is just
+/// the requested one.
 fn allowed(o: &Options) -> Vec<String> {
     if o.allow.is_empty() {
         vec![o.model.clone()]
@@ -162,7 +158,7 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
         Some(p) => p.clone(),
         None => read_stdin_prompt()?,
     };
-    let engine = engine(&o);
+    let engine = Engine::new(&o.registry);
     let component = engine.component(allowed(&o));
     let prompt = if o.chat {
         let mut messages: Vec<ChatMessage> = o
@@ -200,7 +196,7 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
 pub fn run_chat(args: Vec<String>) -> Result<(), Failure> {
     use std::io::{BufRead, IsTerminal};
     let o = parse(args, CHAT_USAGE)?;
-    let engine = engine(&o);
+    let engine = Engine::new(&o.registry);
     let component = engine.component(allowed(&o));
     let mut messages: Vec<ChatMessage> = o
         .system
