@@ -8,6 +8,8 @@
 //!   that model's slot (requests for other models go on).
 //! - [`Engine::infer`], [`Engine::infer_with_options`], [`Engine::infer_streaming`] (text
 //!   fragments as they are produced, optional fixed seed), [`Engine::generate_embeddings`].
+//! - [`Engine::generate`]: everything at once ([`GenerateOptions`]: seed, OpenAI penalties, a
+//!   cancel flag; a text callback that can say stop; the [`FinishReason`](crate::FinishReason)).
 //! - [`Engine::component`]`(ai_models)`: a [`Component`] view with the same methods that allows
 //!   only the listed models, as Spin's manifest `ai_models` key does.
 //!
@@ -21,13 +23,15 @@
 //! - Seed: fresh per request unless the caller fixes one ([`Engine::infer_streaming`]).
 
 use crate::bert::BertModel;
-use crate::generate::generate_with;
+use crate::generate::{generate_with, OnText};
 use crate::llama::{ChatMessage, LlamaModel};
 use crate::sampler::{fresh_seed, Sampler};
 use crate::{
-    EmbeddingsResult, EmbeddingsUsage, Error, InferencingParams, InferencingResult, Result,
+    EmbeddingsResult, EmbeddingsUsage, Error, GenerateOptions, Generation, InferencingParams,
+    InferencingResult, Result,
 };
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::path::{Component as PathComponent, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -121,7 +125,23 @@ impl Engine {
         prompt: &str,
         params: InferencingParams,
     ) -> Result<InferencingResult> {
-        self.generate(model, prompt, &params, None, None)
+        self.run(model, prompt, &with_params(params, None), None)
+            .map(into_result)
+    }
+
+    /// The full generation call, for servers and hosts: Spin's parameters plus seed, OpenAI's
+    /// penalties and a cancel flag ([`GenerateOptions`]). `on_text` receives the text as it is
+    /// produced, in fragments that are each complete UTF-8; returning `Break` stops the
+    /// generation at once (the fragments so far are the text returned, finish `Cancelled`).
+    /// Otherwise the fragments' concatenation equals the returned `text`.
+    pub fn generate(
+        &self,
+        model: &str,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.run(model, prompt, options, Some(on_text))
     }
 
     /// Generation for library users: `on_text` receives the text as it is produced, in
@@ -136,7 +156,12 @@ impl Engine {
         seed: Option<u64>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<InferencingResult> {
-        self.generate(model, prompt, &params, seed, Some(on_text))
+        let mut f = |t: &str| {
+            on_text(t);
+            ControlFlow::Continue(())
+        };
+        self.run(model, prompt, &with_params(params, seed), Some(&mut f))
+            .map(into_result)
     }
 
     /// Non-streaming generation with a fixed seed.
@@ -147,7 +172,8 @@ impl Engine {
         params: InferencingParams,
         seed: u64,
     ) -> Result<InferencingResult> {
-        self.generate(model, prompt, &params, Some(seed), None)
+        self.run(model, prompt, &with_params(params, Some(seed)), None)
+            .map(into_result)
     }
 
     /// The prompt for a conversation with `model`: the messages through the model's chat
@@ -210,18 +236,44 @@ impl Engine {
         })
     }
 
-    fn generate(
+    fn run(
         &self,
         model: &str,
         prompt: &str,
-        params: &InferencingParams,
-        seed: Option<u64>,
-        on_text: Option<&mut dyn FnMut(&str)>,
-    ) -> Result<InferencingResult> {
+        o: &GenerateOptions,
+        on_text: Option<OnText<'_>>,
+    ) -> Result<Generation> {
         // Parameters are checked before the model is touched.
-        let mut sampler = Sampler::new(params, seed.unwrap_or_else(fresh_seed))?;
+        let mut sampler = Sampler::new(&o.params, o.seed.unwrap_or_else(fresh_seed))?
+            .with_openai_penalties(o.frequency_penalty, o.presence_penalty)?;
         let m = self.inferencing_model(model)?;
-        guarded(|| generate_with(&*m, model, prompt, params.max_tokens, &mut sampler, on_text))
+        let cancel = o.cancel.as_deref();
+        guarded(|| {
+            generate_with(
+                &*m,
+                model,
+                prompt,
+                o.params.max_tokens,
+                &mut sampler,
+                cancel,
+                on_text,
+            )
+        })
+    }
+}
+
+fn with_params(params: InferencingParams, seed: Option<u64>) -> GenerateOptions {
+    GenerateOptions {
+        params,
+        seed,
+        ..Default::default()
+    }
+}
+
+fn into_result(g: Generation) -> InferencingResult {
+    InferencingResult {
+        text: g.text,
+        usage: g.usage,
     }
 }
 
@@ -294,6 +346,17 @@ impl Component<'_> {
     ) -> Result<InferencingResult> {
         self.check(model)?;
         self.engine.infer_with_seed(model, prompt, params, seed)
+    }
+
+    pub fn generate(
+        &self,
+        model: &str,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.check(model)?;
+        self.engine.generate(model, prompt, options, on_text)
     }
 
     pub fn chat_prompt(&self, model: &str, messages: &[ChatMessage]) -> Result<String> {

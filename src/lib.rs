@@ -14,6 +14,7 @@ mod weights;
 
 pub use engine::{check_model_name, Component, Engine};
 pub use llama::ChatMessage;
+pub use std::ops::ControlFlow;
 
 /// The layers under [`Engine`], for the CLI, tests, benches and tools built on the engine:
 /// models, tokenizer and weight loading, the sampler, the bench and the kernels. No stability
@@ -84,6 +85,45 @@ pub struct InferencingResult {
     /// The continuation only (not the prompt, not the EOS token).
     pub text: String,
     pub usage: InferencingUsage,
+}
+
+/// A generation request beyond Spin's interface: what library hosts and the OpenAI API add.
+/// `GenerateOptions::default()` is Spin's defaults with a fresh seed.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    pub params: InferencingParams,
+    /// Fixes the sampler's RNG for reproducible output; `None` draws a fresh seed.
+    pub seed: Option<u64>,
+    /// OpenAI's additive penalties, in [-2, 2]: each token's logit loses
+    /// `frequency_penalty × count + presence_penalty` for a token seen `count` > 0 times in the
+    /// repeat-penalty window (the last `repeat_penalty_last_n_token_count` tokens of prompt +
+    /// generated, as llama.cpp's penalties use it). Applied after the repeat penalty.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// Set it (from any thread) to stop the request at its next step, whether it is still
+    /// waiting, prefilling or decoding; the result so far comes back with
+    /// [`FinishReason::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated, or prompt + generated filled the context.
+    Length,
+    /// The caller stopped it: the text callback returned `Break`, or `cancel` was set.
+    Cancelled,
+}
+
+/// The result of [`Engine::generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The continuation so far (not the prompt, not the EOS token).
+    pub text: String,
+    pub usage: InferencingUsage,
+    pub finish: FinishReason,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

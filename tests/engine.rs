@@ -7,9 +7,10 @@
 //! runs when `fixtures/fetch-minilm.sh` has laid it out and says so when it has not.
 
 use serde_json::Value;
-use spinfer::{Engine, Error, InferencingParams};
+use spinfer::{ControlFlow, Engine, Error, FinishReason, GenerateOptions, InferencingParams};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -462,6 +463,78 @@ fn streamed_fragments_concatenate_to_the_text() {
             assert_eq!(s, out.text, "{model}/{} sampled", p["name"]);
         }
     }
+}
+
+#[test]
+fn generate_reports_finish_and_stops_when_asked() {
+    let Some(model) = llama_fixtures().into_iter().find(|n| n == "llama-gqa-bf16") else {
+        eprintln!("no llama-gqa-bf16 fixture yet: skipped");
+        return;
+    };
+    let engine = Engine::new(registry());
+    let r = reference("llama", &model);
+    let p = &r["prompts"][0];
+    let prompt = p["prompt"].as_str().unwrap();
+    let opts = GenerateOptions {
+        params: greedy(12),
+        ..Default::default()
+    };
+    let mut frags = Vec::new();
+    let full = engine
+        .generate(&model, prompt, &opts, &mut |t| {
+            frags.push(t.to_string());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    // Same text as the transformers reference; 12 tokens without EOS is a length finish.
+    assert_eq!(full.text, p["greedy_text"].as_str().unwrap());
+    assert_eq!(frags.concat(), full.text);
+    assert_eq!(full.usage.generated_token_count, 12);
+    assert_eq!(full.finish, FinishReason::Length);
+
+    // Break after the second fragment: the text is exactly those fragments.
+    let mut seen = Vec::new();
+    let cut = engine
+        .generate(&model, prompt, &opts, &mut |t| {
+            seen.push(t.to_string());
+            if seen.len() == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(cut.finish, FinishReason::Cancelled);
+    assert_eq!(cut.text, seen.concat());
+    assert!(full.text.starts_with(&cut.text) && cut.text.len() < full.text.len());
+
+    // A cancel flag set beforehand: nothing generated.
+    let flag = Arc::new(AtomicBool::new(true));
+    let none = engine
+        .generate(
+            &model,
+            prompt,
+            &GenerateOptions {
+                cancel: Some(flag),
+                ..opts.clone()
+            },
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_eq!(
+        (none.text.as_str(), none.finish),
+        ("", FinishReason::Cancelled)
+    );
+
+    // OpenAI penalties out of range are invalid-input, before the model is touched.
+    let bad = GenerateOptions {
+        frequency_penalty: 3.0,
+        ..opts
+    };
+    let e = Engine::new("/nonexistent")
+        .generate("x", "hi", &bad, &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(ref m) if m.contains("frequency_penalty 3")));
 }
 
 #[test]
