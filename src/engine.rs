@@ -196,7 +196,7 @@ impl Engine {
             });
         }
         let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let (embeddings, tokens) = guarded(|| m.embed(&refs))?;
+        let (embeddings, tokens) = guarded(|| m.embed_batched(&refs))?;
         Ok(EmbeddingsResult {
             embeddings,
             usage: EmbeddingsUsage {
