@@ -2,6 +2,7 @@
 //! (`fermyon:spin/llm`): `infer`, `infer_with_options` and `generate_embeddings` over Llama
 //! language models and BERT sentence embedders (all-MiniLM-L6-v2) in Spin's registry layout.
 
+mod batch;
 mod bench;
 mod bert;
 mod config;
@@ -12,6 +13,7 @@ mod sampler;
 mod tokenizer;
 mod weights;
 
+pub use batch::{EngineOptions, EngineStats};
 pub use engine::{check_model_name, Component, Engine};
 pub use llama::ChatMessage;
 pub use std::ops::ControlFlow;
