@@ -93,6 +93,8 @@ pub struct EngineStats {
     /// Batched steps run, and tokens through them (prefill + decode), since the start.
     pub steps: u64,
     pub step_tokens: u64,
+    /// Steps that ran two or more sequences together.
+    pub batched_steps: u64,
 }
 
 /// The engine-wide KV byte budget.
@@ -183,6 +185,7 @@ struct Shared {
     prefix_reused: AtomicU64,
     steps: AtomicU64,
     step_tokens: AtomicU64,
+    batched_steps: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,6 +220,7 @@ impl Batcher {
             prefix_reused: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             step_tokens: AtomicU64::new(0),
+            batched_steps: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -239,6 +243,7 @@ impl Batcher {
         st.prefix_tokens_reused += sh.prefix_reused.load(Ordering::Relaxed);
         st.steps += sh.steps.load(Ordering::Relaxed);
         st.step_tokens += sh.step_tokens.load(Ordering::Relaxed);
+        st.batched_steps += sh.batched_steps.load(Ordering::Relaxed);
     }
 
     /// One generation through the scheduler: encode and check on this thread, queue, then

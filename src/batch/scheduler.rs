@@ -189,6 +189,9 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
             }
         };
         sh.steps.fetch_add(1, Ordering::Relaxed);
+        if matches!(rows, Rows::Batch) {
+            sh.batched_steps.fetch_add(1, Ordering::Relaxed);
+        }
         sh.step_tokens
             .fetch_add(take.iter().sum::<usize>() as u64, Ordering::Relaxed);
 

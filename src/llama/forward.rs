@@ -477,7 +477,7 @@ impl Forward<'_> {
 }
 
 /// One sequence's part of a batched step: `tokens` at positions `pos..` against its own cache.
-pub(crate) struct Segment<'a> {
+pub struct Segment<'a> {
     pub kv: &'a mut KvCache,
     pub pos: usize,
     pub tokens: &'a [u32],
@@ -485,9 +485,9 @@ pub(crate) struct Segment<'a> {
     pub logits: bool,
 }
 
-/// Activation scratch for batched steps of up to `rows` tokens in all; grows on demand.
+/// Activation scratch for batched steps; grows on demand.
 #[derive(Default)]
-pub(crate) struct BatchScratch {
+pub struct BatchScratch {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
@@ -501,10 +501,15 @@ pub(crate) struct BatchScratch {
     sin: Vec<f32>,
     scores: Vec<f32>,
     /// (segments wanting logits, vocab), in segment order.
-    pub logits: Vec<f32>,
+    pub(crate) logits: Vec<f32>,
 }
 
 impl BatchScratch {
+    /// The last step's logits: one vocab-long row per segment that wanted them, in order.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     fn fit(&mut self, cfg: &LlamaConfig, n: usize, score_len: usize, out_rows: usize) {
         let (h, qd, kvd, inter) = (
             cfg.hidden_size,

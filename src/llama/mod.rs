@@ -28,8 +28,7 @@ mod model;
 
 pub use chat::ChatMessage;
 pub use config::{LlamaConfig, RopeScaling};
-pub(crate) use forward::{BatchScratch, Segment};
-pub use forward::{LlamaState, MAX_BATCH};
+pub use forward::{BatchScratch, LlamaState, Segment, MAX_BATCH};
 pub use kv_cache::KvCache;
 
 use crate::weights::WeightStore;
@@ -231,7 +230,7 @@ impl LlamaModel {
 
     /// One batched step over several sequences (see `Forward::step`); the logits of the
     /// segments that want them are left in `sc.logits`, in order.
-    pub(crate) fn step(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>]) {
+    pub fn step(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>]) {
         self.fwd().step(sc, segs)
     }
 
