@@ -301,7 +301,25 @@ impl Engine {
         let e = self.llama_entry(model)?;
         guarded(|| {
             e.batcher
-                .generate(&e.model, model, prompt, o, sampler, on_text)
+                .generate(&e.model, model, prompt, o, sampler, on_text, None)
+        })
+    }
+
+    /// [`Engine::generate`] without text, calling `on_token` with each generated token id as
+    /// it arrives (the concurrency bench times tokens, not fragments).
+    pub(crate) fn generate_tokens(
+        &self,
+        model: &str,
+        prompt: &str,
+        o: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let sampler = Sampler::new(&o.params, o.seed.unwrap_or_else(fresh_seed))?
+            .with_openai_penalties(o.frequency_penalty, o.presence_penalty)?;
+        let e = self.llama_entry(model)?;
+        guarded(|| {
+            e.batcher
+                .generate(&e.model, model, prompt, o, sampler, None, Some(on_token))
         })
     }
 }

@@ -4,6 +4,7 @@
 
 mod batch;
 mod bench;
+mod bench_concurrency;
 mod bert;
 mod config;
 mod engine;
@@ -40,6 +41,10 @@ pub mod internals {
     }
     pub mod bench {
         pub use crate::bench::*;
+    }
+    /// `spinfer bench --concurrency`: streams at once through the batch scheduler.
+    pub mod bench_concurrency {
+        pub use crate::bench_concurrency::*;
     }
 }
 

@@ -110,7 +110,7 @@ fn batched_step_logits_match_lone_runs_on_every_fixture() {
             .zip(&lone)
             .map(|(ids, (toks, _))| ids.iter().chain(toks).copied().collect())
             .collect();
-        let mut pos = vec![0usize; 4];
+        let mut pos = [0usize; 4];
         let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 4];
         let mut sc = BatchScratch::default();
         while (0..4).any(|i| got[i].len() < n_new + 1) {

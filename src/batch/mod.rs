@@ -249,6 +249,7 @@ impl Batcher {
     /// One generation through the scheduler: encode and check on this thread, queue, then
     /// stream the tokens the scheduler sends through a [`Streamer`] into `on_text`.
     /// Same checks, stopping rules and results as the lone loop (`generate_with`).
+    #[allow(clippy::too_many_arguments)] // the engine's two callers pass them straight through
     pub(crate) fn generate(
         &self,
         m: &LlamaModel,
@@ -257,6 +258,7 @@ impl Batcher {
         o: &GenerateOptions,
         sampler: Sampler,
         mut on_text: Option<crate::generate::OnText<'_>>,
+        mut on_token: Option<&mut dyn FnMut(u32)>,
     ) -> Result<Generation> {
         let ids = m.encode(prompt)?;
         let ctx = m.context_len();
@@ -325,6 +327,9 @@ impl Batcher {
         let finish = loop {
             match recv(&rx)? {
                 Event::Token(tok) => {
+                    if let Some(f) = on_token.as_mut() {
+                        f(tok);
+                    }
                     generated += 1;
                     history.push(tok);
                     if let (Some(s), Some(f)) = (streamer.as_mut(), on_text.as_mut()) {
