@@ -22,7 +22,7 @@
 //!   the first EOS id, after `max_tokens`, or when prompt + generated fill the context.
 //! - Seed: fresh per request unless the caller fixes one ([`Engine::infer_streaming`]).
 
-use crate::batch::{Batcher, Budget, EngineOptions, EngineStats};
+use crate::batch::{Batcher, Budget, EmbedBatcher, EngineOptions, EngineStats};
 use crate::bert::BertModel;
 use crate::generate::OnText;
 use crate::llama::{ChatMessage, LlamaModel};
@@ -89,13 +89,19 @@ pub(crate) struct LlamaEntry {
     batcher: Batcher,
 }
 
+/// A loaded embedding model and the batcher its concurrent callers share.
+pub(crate) struct BertEntry {
+    model: BertModel,
+    batcher: EmbedBatcher,
+}
+
 /// The engine a host links: one per registry, shared by all components.
 pub struct Engine {
     registry: PathBuf,
     options: EngineOptions,
     budget: Arc<Budget>,
     llamas: Cache<LlamaEntry>,
-    berts: Cache<BertModel>,
+    berts: Cache<BertEntry>,
     loads: AtomicUsize,
 }
 
@@ -238,7 +244,10 @@ impl Engine {
             });
         }
         let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let (embeddings, tokens) = guarded(|| m.embed(&refs))?;
+        let (embeddings, tokens) = guarded(|| {
+            let (seqs, tokens) = m.model.tokenize_all(&refs)?;
+            Ok((m.batcher.embed(&m.model, seqs)?, tokens))
+        })?;
         Ok(EmbeddingsResult {
             embeddings,
             usage: EmbeddingsUsage {
@@ -275,16 +284,19 @@ impl Engine {
 
     /// Loads (or finds loaded) the embedding model `<registry>/<name>/`. A folder that is not a
     /// BERT-family sentence embedder (or no folder) is `model-not-supported`.
-    pub(crate) fn embedding_model(&self, name: &str) -> Result<Arc<BertModel>> {
+    pub(crate) fn embedding_model(&self, name: &str) -> Result<Arc<BertEntry>> {
         check_model_name(name)?;
         self.berts.get_or_load(name, || {
             let dir = self.registry.join(name);
             if !looks_like_bert(&dir) {
                 return Err(Error::ModelNotSupported);
             }
-            let m = BertModel::load(&dir)?;
+            let model = BertModel::load(&dir)?;
             self.loads.fetch_add(1, Ordering::SeqCst);
-            Ok(m)
+            Ok(BertEntry {
+                model,
+                batcher: EmbedBatcher::default(),
+            })
         })
     }
 

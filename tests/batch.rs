@@ -445,3 +445,60 @@ fn a_cached_prefix_gives_the_same_results_as_a_full_prefill() {
     assert_eq!(cold.stats().prefix_tokens_reused, 0);
     assert!(warm.stats().prefix_cache_entries >= 1);
 }
+
+#[test]
+fn concurrent_embeddings_share_passes_and_match_lone_calls() {
+    let model = "tiny-bert";
+    let text = std::fs::read_to_string(root().join("reference/bert/tiny-bert.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sentences: Vec<String> = r["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    // 8 callers of 4 sentences each (cycling through the reference's).
+    let calls: Vec<Vec<String>> = (0..8)
+        .map(|c| {
+            (0..4)
+                .map(|j| sentences[(c * 4 + j) % sentences.len()].clone())
+                .collect()
+        })
+        .collect();
+    let lone: Vec<_> = {
+        let e = Engine::new(registry());
+        calls
+            .iter()
+            .map(|c| e.generate_embeddings(model, c).unwrap())
+            .collect()
+    };
+    let engine = Engine::new(registry());
+    let barrier = Barrier::new(calls.len());
+    let together: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = calls
+            .iter()
+            .map(|c| {
+                let (engine, barrier) = (&engine, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    engine.generate_embeddings(model, c).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in together.iter().zip(&lone).enumerate() {
+        assert_eq!(a.usage, b.usage, "caller {i}");
+        assert_eq!(a.embeddings.len(), 4);
+        for (x, y) in a.embeddings.iter().zip(&b.embeddings) {
+            // tests/bert.rs's bound for a text beside others in a pass vs alone: the same
+            // arithmetic up to float reassociation inside the kernels.
+            let d = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-6, "caller {i}: max|d| {d:e}");
+        }
+    }
+}

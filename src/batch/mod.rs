@@ -16,9 +16,14 @@
 //! - Memory: every sequence's KV cache is allocated whole at admission (prompt + max tokens)
 //!   against a byte budget shared by the engine's models, which also holds the prefix cache
 //!   ([`prefix`]); a request that does not fit now waits in a bounded queue.
+//! - Embeddings ([`embed`]): concurrent calls on one model share forward passes, led by one
+//!   of the callers (no thread).
 
+mod embed;
 mod prefix;
 mod scheduler;
+
+pub(crate) use embed::EmbedBatcher;
 
 use crate::generate::Streamer;
 use crate::llama::LlamaModel;
