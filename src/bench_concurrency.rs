@@ -218,3 +218,38 @@ pub fn format_concurrency(levels: &[ConcurrencyLevel], prefix: Option<&PrefixTtf
     }
     s
 }
+
+/// Embeddings throughput: `callers` concurrent callers of `per_call` sentences each against
+/// one caller with all of them in one call, `rounds` times each; sentences/s of both.
+pub fn bench_embed_concurrency(
+    registry: &Path,
+    model: &str,
+    callers: usize,
+    per_call: usize,
+    rounds: usize,
+) -> Result<(f64, f64)> {
+    let engine = Engine::new(registry);
+    let texts: Vec<String> = (0..callers * per_call)
+        .map(|i| format!("Sentence number {i} talks about the weather and a walk in the park."))
+        .collect();
+    engine.generate_embeddings(model, &texts[..1])?; // load
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        engine.generate_embeddings(model, &texts)?;
+    }
+    let one = (texts.len() * rounds) as f64 / t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = texts
+                .chunks(per_call)
+                .map(|c| s.spawn(|| engine.generate_embeddings(model, c).map(|_| ())))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("bench thread panicked"))
+                .collect::<Result<Vec<()>>>()
+        })?;
+    }
+    let many = (texts.len() * rounds) as f64 / t0.elapsed().as_secs_f64();
+    Ok((many, one))
+}

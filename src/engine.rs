@@ -3,9 +3,12 @@
 //!
 //! Public API:
 //! - [`Engine::new`]`(registry)`; `Engine` is `Send + Sync`: share it (e.g. in an `Arc`) between
-//!   threads. Models load once, on first use, and are shared by all requests; each request gets
-//!   its own KV cache and scratch. No lock is held during an inference, and a load holds only
-//!   that model's slot (requests for other models go on).
+//!   threads. Models load once, on first use, and are shared by all requests. Generations on
+//!   one model run through its batch scheduler (src/batch/): concurrent requests decode
+//!   together, each with its own KV cache, sampler and callback, within a KV memory budget and
+//!   a bounded queue ([`Engine::with_options`], [`EngineOptions`]; [`Engine::stats`]).
+//!   Concurrent embedding calls on one model share forward passes. A load holds only that
+//!   model's slot (requests for other models go on).
 //! - [`Engine::infer`], [`Engine::infer_with_options`], [`Engine::infer_streaming`] (text
 //!   fragments as they are produced, optional fixed seed), [`Engine::generate_embeddings`].
 //! - [`Engine::generate`]: everything at once ([`GenerateOptions`]: seed, OpenAI penalties, a

@@ -19,7 +19,8 @@ Options:
   --threads N           kernel threads [default: all cores]
   --concurrency LIST    instead: streams at once through the batch scheduler, e.g. 1,2,4,8,16
                         (aggregate tok/s, time to first token, inter-token latency p50/p99),
-                        then the prefix cache's TTFT (500-token prefix + 20-token question)
+                        then the prefix cache's TTFT (500-token prefix + 20-token question);
+                        for an embedding model: 8 callers x 4 sentences vs one caller x 32
   -h, --help            this message
 ";
 
@@ -67,6 +68,12 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     }
 
     let registry = Path::new(&registry);
+    if let (Some(_), false) = (&concurrency, registry.join("llama").join(&model).is_dir()) {
+        use spinfer::internals::bench_concurrency as bc;
+        let (many, one) = bc::bench_embed_concurrency(registry, &model, 8, 4, 10)?;
+        println!("model: {model} (embeddings): 8 concurrent callers x 4 sentences: {many:.1} sentences/s; one caller x 32: {one:.1} sentences/s");
+        return Ok(());
+    }
     if let Some(levels) = concurrency {
         use spinfer::internals::bench_concurrency as bc;
         let table = bc::bench_concurrency(registry, &model, &levels, prompt_tokens, gen_tokens)?;
