@@ -38,6 +38,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
     let mut prefix = PrefixCache::default();
     let mut lone = m.scratch_state(m.context_len());
     let mut batch = BatchScratch::default();
+    let mut lone_logits = Vec::new();
     let eos = m.eos_ids().to_vec();
     // The prefix cache may use at most half the budget, so that it never starves admission
     // for long (its entries are evicted on demand anyway).
@@ -55,16 +56,18 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
                     prefix.clear(&sh.budget);
                     return;
                 }
-                while active.len() < opts.max_batch_sequences.max(1) {
-                    let Some(r) = q.waiting.front() else { break };
+                // Requests cancelled while waiting leave the queue now, wherever they are.
+                q.waiting.retain(|r| {
                     if r.cancelled() {
-                        let r = q.waiting.pop_front().expect("front");
                         let _ = r.events.send(Event::Done {
                             finish: FinishReason::Cancelled,
                             generated: 0,
                         });
-                        continue;
                     }
+                    !r.cancelled()
+                });
+                while active.len() < opts.max_batch_sequences.max(1) {
+                    let Some(r) = q.waiting.front() else { break };
                     let need = r.kv_bytes;
                     let mut got = sh.budget.try_acquire(need);
                     while !got && prefix.evict_lru(&sh.budget) {
@@ -165,7 +168,14 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
 
         // The step itself; a panic (a bug) fails this step's sequences, not the thread.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(&m, &mut active, &take, &mut lone, &mut batch)
+            step(
+                &m,
+                &mut active,
+                &take,
+                &mut lone,
+                &mut batch,
+                &mut lone_logits,
+            )
         }));
         let rows = match ran {
             Ok(Ok(rows)) => rows,
@@ -211,7 +221,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
                 continue; // more prompt to prefill
             }
             let logits = match &rows {
-                Rows::Lone(l) => &l[..],
+                Rows::Lone => &lone_logits[..],
                 Rows::Batch => &batch.logits[row * vocab..(row + 1) * vocab],
             };
             row += 1;
@@ -255,8 +265,8 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
 
 /// Where a step's logits are.
 enum Rows {
-    /// One sequence ran alone: the lone scratch's logits (copied out of its borrow).
-    Lone(Vec<f32>),
+    /// One sequence ran alone: its logits were copied out of the lone scratch's borrow.
+    Lone,
     /// In `BatchScratch::logits`, one row per segment that wanted logits.
     Batch,
 }
@@ -269,13 +279,16 @@ fn step(
     take: &[usize],
     lone: &mut LlamaState,
     batch: &mut BatchScratch,
+    lone_logits: &mut Vec<f32>,
 ) -> crate::Result<Rows> {
     let running: Vec<usize> = (0..active.len()).filter(|&i| take[i] > 0).collect();
     if let [i] = running[..] {
         let s = &mut active[i];
         let tokens = &s.history[s.pos..s.pos + take[i]];
         let logits = m.forward_on(lone, &mut s.kv, s.pos, tokens)?;
-        return Ok(Rows::Lone(logits.to_vec()));
+        lone_logits.clear();
+        lone_logits.extend_from_slice(logits);
+        return Ok(Rows::Lone);
     }
     let mut segs: Vec<Segment<'_>> = active
         .iter_mut()
