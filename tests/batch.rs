@@ -187,8 +187,21 @@ fn sampled(max_tokens: u32) -> InferencingParams {
 
 #[test]
 fn concurrent_generations_match_lone_ones_greedy_and_seeded() {
+    // Where the default policy rounds bf16 activations (AVX-512 BF16 dot products, AMX), a
+    // batched decode (a matmul) rounds where a lone one (a matvec) does not: bf16-weight
+    // models then differ by that rounding (tests/llama.rs bounds it), not only by summation
+    // order, so exact equality is asserted for them only where nothing rounds (as here, AVX2).
+    let policy = Policy::from_env();
+    let rounds = (spinfer::internals::kernels::kernels().has_bf16_dot() && policy.bf16_dot)
+        || (policy.amx && spinfer::internals::kernels::amx_available());
     let mut batched = 0;
     for name in all_models() {
+        let bf16 = name.contains("bf16")
+            || (!name.starts_with("gguf-") && reference(&name)["dtype"] == "bfloat16");
+        if rounds && bf16 {
+            eprintln!("{name}: bf16 weights under a rounding policy: skipped");
+            continue;
+        }
         // Greedy and seeded requests, with different lengths so sequences leave mid-batch.
         let jobs: Vec<(&str, InferencingParams, u64)> = PROMPTS
             .iter()
