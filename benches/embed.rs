@@ -1,6 +1,5 @@
-//! all-MiniLM-L6-v2 throughput: sentences/s at batch 1, batch 32, and 8 concurrent callers of 4
-//! sentences each (batched together by the engine), beside this machine's f32 FMA peak
-//! measured in the same run.
+//! all-MiniLM-L6-v2 throughput: sentences/s at batch 1 and batch 32 (8-20 word sentences),
+//! beside this machine's f32 FMA peak measured in the same run.
 //!
 //! `fixtures/fetch-minilm.sh && cargo bench --bench embed`
 //! Criterion's "elem/s" column is sentences/s. A plain timing pass first prints sentences/s,
@@ -122,19 +121,6 @@ fn report(m: &BertModel) {
     time("batch 32", &mut || {
         black_box(m.embed(&SENTENCES).unwrap());
     });
-    time("8 concurrent callers x 4 (batched)", &mut || {
-        eight_callers(m);
-    });
-}
-
-/// 8 threads each embed 4 of the sentences at once through `embed_batched`, the path the
-/// engine's `generate_embeddings` takes: their requests share passes (src/bert/batcher.rs).
-fn eight_callers(m: &BertModel) {
-    std::thread::scope(|sc| {
-        for c in SENTENCES.chunks(4) {
-            sc.spawn(move || black_box(m.embed_batched(c).unwrap()));
-        }
-    });
 }
 
 /// This process's user + system CPU time (Linux; None elsewhere).
@@ -162,7 +148,6 @@ fn embed(c: &mut Criterion) {
     g.bench_function("batch32", |b| {
         b.iter(|| black_box(m.embed(black_box(&SENTENCES)).unwrap()))
     });
-    g.bench_function("8x4_concurrent", |b| b.iter(|| eight_callers(&m)));
     g.finish();
 }
 

@@ -14,7 +14,6 @@
 //! sentence's tokens, L2 normalisation. No padding exists: sentences are packed end to end, so
 //! no compute goes to padding and a vector never depends on its batch.
 
-mod batcher;
 pub mod config;
 mod forward;
 
@@ -52,8 +51,6 @@ pub struct BertModel {
     layers: Vec<Layer>,
     /// Activation buffers kept between calls: fresh ones would be page-faulted in every call.
     scratch: Mutex<Option<forward::Scratch>>,
-    /// Joins concurrent `embed_batched` calls into shared passes.
-    batcher: batcher::Batcher,
 }
 
 /// One encoder layer. Matrices are widened to f32 and repacked for `matmul_packed` at load
@@ -158,7 +155,6 @@ impl BertModel {
             emb_ln_b,
             layers,
             scratch: Mutex::new(None),
-            batcher: batcher::Batcher::default(),
         })
     }
 
@@ -203,24 +199,15 @@ impl BertModel {
     /// to the window, [CLS] and [SEP] included (so "" counts 2). That is what was computed on,
     /// and what OpenAI-style `usage.prompt_tokens` reports for the same request.
     pub fn embed(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, u32)> {
+        if texts.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
         let (seqs, count) = self.tokenize_all(texts)?;
         Ok((self.embed_ids(&seqs)?, count))
     }
 
-    /// [`embed`](Self::embed) for concurrent callers: requests that arrive while a batch runs
-    /// are embedded together in the next one (up to a token budget), so many small requests
-    /// share each pass over the weights. Each vector is the one `embed` gives (no padding:
-    /// a vector never depends on its batch).
-    pub fn embed_batched(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, u32)> {
-        let (seqs, count) = self.tokenize_all(texts)?;
-        if seqs.is_empty() {
-            return Ok((Vec::new(), 0));
-        }
-        Ok((self.batcher.embed(seqs, |all| self.embed_ids(all))?, count))
-    }
-
-    /// Each text's token ids (errors name the input's index) and their total count.
-    fn tokenize_all(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, u32)> {
+    /// Every text's token ids (as the model sees them) and their total count.
+    pub fn tokenize_all(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, u32)> {
         let mut seqs = Vec::with_capacity(texts.len());
         let mut count: u64 = 0;
         for (i, text) in texts.iter().enumerate() {
@@ -238,12 +225,14 @@ impl BertModel {
         Ok((seqs, count))
     }
 
-    /// One vector per token sequence, in passes of at most MAX_PASS_TOKENS tokens (one input is
-    /// at most `window` <= 512).
-    fn embed_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    /// One L2-normalised vector per token sequence (from [`BertModel::tokenize_all`]), in
+    /// passes of up to a token budget. Each sequence attends to itself alone, so its vector
+    /// does not depend on the others in its pass (concurrent callers' texts share passes).
+    pub fn embed_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        // Passes of at most MAX_PASS_TOKENS tokens (one input is at most `window` <= 512).
         let pass_tokens = seqs
             .iter()
             .map(|s| s.len())
