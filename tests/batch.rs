@@ -8,8 +8,7 @@ use llama_common::*;
 use spinfer::internals::kernels::Policy;
 use spinfer::internals::llama::{BatchScratch, LlamaModel, Segment};
 use spinfer::{
-    Cause, ControlFlow, Engine, EngineOptions, Error, FinishReason, GenerateOptions,
-    InferencingParams,
+    Cause, ControlFlow, Engine, EngineOptions, FinishReason, GenerateOptions, InferencingParams,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
