@@ -537,26 +537,26 @@ unsafe fn legacy1_n<B, const N: usize>(
 pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
     macro_rules! go {
-        ($w:expr, $a:expr, $dot:ident) => {{
+        ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
             let bpr = $a.len();
             if bpr > 0 {
-                for (y, w) in y.iter_mut().zip($w.chunks_exact(bpr)) {
+                for (y, w) in $y.iter_mut().zip($w.chunks_exact(bpr)) {
                     *y = $dot(w, $a);
                 }
             } else {
-                y.fill(0.0);
+                $y.fill(0.0);
             }
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q8_0),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q4_0),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q5_0),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q4_1),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q5_1),
-        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k),
-        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k),
-        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q8_0),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q4_0),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q5_0),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q4_1),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q5_1),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q4_k),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q5_k),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q6_k),
         _ => panic!(
             "matvec_rows: {} weights with {:?} activations",
             w.format().name(),
