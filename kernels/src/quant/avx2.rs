@@ -145,9 +145,7 @@ unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     blocks::<_, _, false>(x, y, |x, y| {
-        // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
-        let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let qx = q5_0_values(x);
         (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
     })
 }
@@ -165,8 +163,7 @@ unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     blocks::<_, _, true>(x, y, |x, y| {
-        let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
-        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let qx = q5_1_values(x);
         (
             h2f(x.d) * h2f(y.d),
             us8(qx, load(y.qs.as_ptr() as _)),
@@ -487,6 +484,11 @@ unsafe fn q5_1_values(x: &BlockQ5_1) -> __m256i {
     _mm256_or_si256(nibbles(&x.qs), hi)
 }
 
+// `h2f_pair` reads these pairs as one u32.
+const _: () = assert!(core::mem::offset_of!(BlockQ4_1, m) == 2);
+const _: () = assert!(core::mem::offset_of!(BlockQ5_1, m) == 2);
+const _: () = assert!(core::mem::offset_of!(BlockQ8_1, s) == 2);
+
 /// The two f16 that open a block (`d`, `m` of Q4_1 / Q5_1; `d`, `s` of Q8_1) as
 /// [d, m, 0, 0].
 ///
@@ -499,7 +501,8 @@ unsafe fn h2f_pair<B>(b: &B) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
 }
 
-/// One Q4_1 / Q5_1 row (`unpack` gives a block's 32 values q ≥ 0 as bytes) against `N` tokens' Q8_1 activations: Σ d·dy·Σq·qy + m·s per
+/// One Q4_1 / Q5_1 row (`B` is one of the two; `unpack` gives a block's 32 values q ≥ 0 as
+/// bytes) against `N` tokens' Q8_1 activations: Σ d·dy·Σq·qy + m·s per
 /// block, each weight block unpacked once. Scales are widened two at a time ([d, m] × [dy, s]
 /// in one multiply).
 #[inline(always)]
