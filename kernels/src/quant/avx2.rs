@@ -76,12 +76,6 @@ unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
 
-/// Σ pairs of signed × signed bytes (the sign moved onto `b`), as eight i32.
-#[inline(always)]
-unsafe fn i8s(a: __m256i, b: __m256i) -> __m256i {
-    us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
-}
-
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -90,86 +84,34 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Σ over blocks of scale × (eight i32 lane sums) + extra, two blocks per step into two
-/// accumulators (one FMA chain would bound the loop by its latency).
-#[inline(always)]
-unsafe fn blocks<B, A, const EXTRA: bool>(
-    x: &[B],
-    y: &[A],
-    blk: impl Fn(&B, &A) -> (f32, __m256i, f32),
-) -> f32 {
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut e0, mut e1) = (0f32, 0f32);
-    let n = x.len().min(y.len());
-    let mut i = 0;
-    while i + 2 <= n {
-        let (d0, p0, m0) = blk(&x[i], &y[i]);
-        let (d1, p1, m1) = blk(&x[i + 1], &y[i + 1]);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(p1), acc1);
-        if EXTRA {
-            e0 += m0;
-            e1 += m1;
-        }
-        i += 2;
-    }
-    if i < n {
-        let (d0, p0, m0) = blk(&x[i], &y[i]);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(p0), acc0);
-        if EXTRA {
-            e0 += m0;
-        }
-    }
-    hsum(_mm256_add_ps(acc0, acc1)) + (e0 + e1)
-}
+// The single-token dots are the multi-token bodies with N = 1: each token's sum then runs in
+// the same order whether it is computed alone (decode) or beside others (prefill, a batch of
+// sequences), so a request's numbers do not depend on what else runs with it (issue 12). One
+// accumulator chain per token costs nothing measurable here: decode is bound by memory.
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    blocks::<_, _, false>(x, y, |x, y| {
-        let p = i8s(load(x.qs.as_ptr() as _), load(y.qs.as_ptr() as _));
-        (h2f(x.d) * h2f(y.d), p, 0.0)
-    })
+    legacy_n::<_, 1>(x, [y], |x| (load(x.qs.as_ptr() as _), h2f(x.d)))[0]
 }
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
-    blocks::<_, _, false>(x, y, |x, y| {
-        let qx = _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8));
-        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
-    })
+    legacy_n::<_, 1>(x, [y], |x| q4_0_values(x))[0]
 }
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    blocks::<_, _, false>(x, y, |x, y| {
-        let qx = q5_0_values(x);
-        (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
-    })
+    legacy_n::<_, 1>(x, [y], |x| (q5_0_values(x), h2f(x.d)))[0]
 }
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    blocks::<_, _, true>(x, y, |x, y| {
-        let p = us8(nibbles(&x.qs), load(y.qs.as_ptr() as _));
-        (h2f(x.d) * h2f(y.d), p, h2f(x.m) * h2f(y.s))
-    })
+    legacy1_n::<_, 1>(x, [y], |x| nibbles(&x.qs))[0]
 }
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
-    blocks::<_, _, true>(x, y, |x, y| {
-        let qx = q5_1_values(x);
-        (
-            h2f(x.d) * h2f(y.d),
-            us8(qx, load(y.qs.as_ptr() as _)),
-            h2f(x.m) * h2f(y.s),
-        )
-    })
+    legacy1_n::<_, 1>(x, [y], |x| q5_1_values(x))[0]
 }
 
 /// The twelve packed scale bytes of a Q4_K / Q5_K super-block as sixteen bytes: the eight
@@ -397,8 +339,8 @@ unsafe fn legacy_n<B, const N: usize>(
     std::array::from_fn(|t| hsum(acc[t]))
 }
 
-/// One weight row against four tokens' activations (the prefill matmul's inner step); the
-/// same sums as four [`vec_dot`]s up to f32 rounding order.
+/// One weight row against four tokens' activations (the prefill matmul's inner step): exactly
+/// the sums of four [`vec_dot`]s (the same bodies, the same order; Q5_K is four single dots).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
@@ -448,12 +390,16 @@ unsafe fn dot4_q8_0(x: &[BlockQ8_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
-    legacy_n(x, ys, |x| {
-        (
-            _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8)),
-            h2f(x.d),
-        )
-    })
+    legacy_n(x, ys, |x| q4_0_values(x))
+}
+
+/// A Q4_0 block's 32 values q - 8 as signed bytes, and its scale.
+#[inline(always)]
+unsafe fn q4_0_values(x: &BlockQ4_0) -> (__m256i, f32) {
+    (
+        _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8)),
+        h2f(x.d),
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
