@@ -321,8 +321,8 @@ pub(crate) struct Table {
     pub to_f32: fn(Weights<'_>, &mut [f32]),
     /// Independent FMA chains for the probe: 12 · lanes · 2 FLOP per iteration.
     pub burn: fn(usize) -> f32,
-    /// Sum of a buffer, read as fast as the core can (the probe's bandwidth).
-    pub read: fn(&[f32]) -> f32,
+    /// Sums of a buffer read in the ways `simd::READERS` lists (the probe's bandwidth).
+    pub read: [fn(&[f32]) -> f32; 4],
     /// Independent bf16 dot-product chains: 12 · 64 FLOP per iteration.
     pub bf16_burn: Option<fn(usize) -> f32>,
     /// The integer dot product of a block-format weight row with quantized activations.
