@@ -4,10 +4,13 @@
 
 use crate::llama::{LlamaModel, LlamaState};
 use crate::sampler::Sampler;
-use crate::{Error, InferencingResult, InferencingUsage, Result};
+use crate::{Error, FinishReason, Generation, InferencingUsage, Result};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What generation needs from a causal language model (implemented by [`LlamaModel`]; a fake in
 /// the tests exercises the loop without weights).
+#[allow(dead_code)] // the full interface serves `generate_with`'s fake-model tests
 pub(crate) trait CausalLm {
     type State;
     fn encode(&self, prompt: &str) -> Result<Vec<u32>>;
@@ -40,16 +43,24 @@ impl CausalLm for LlamaModel {
     }
 }
 
-/// The generation loop: encode, check the length, prefill the prompt in one batch, then sample
-/// and feed one token at a time until EOS, `max_tokens`, or the context is full.
+/// Receives text fragments as they are produced; `Break` stops the generation.
+pub(crate) type OnText<'a> = &'a mut dyn FnMut(&str) -> ControlFlow<()>;
+
+/// The lone generation loop (the engine runs requests through the batch scheduler, whose
+/// caller side keeps these rules; this loop stays as their reference, tested on a fake model).
+/// Encode, check the length, prefill the prompt in one batch, then sample
+/// and feed one token at a time until EOS, `max_tokens`, the context is full, `on_text` says
+/// stop, or `cancel` is set (checked before the prefill and before each step).
+#[allow(dead_code)]
 pub(crate) fn generate_with<M: CausalLm>(
     m: &M,
     model_name: &str,
     prompt: &str,
     max_tokens: u32,
     sampler: &mut Sampler,
-    mut on_text: Option<&mut dyn FnMut(&str)>,
-) -> Result<InferencingResult> {
+    cancel: Option<&AtomicBool>,
+    mut on_text: Option<OnText<'_>>,
+) -> Result<Generation> {
     let prompt_ids = m.encode(prompt)?;
     let ctx = m.context_len();
     let n_prompt = prompt_ids.len();
@@ -68,10 +79,16 @@ pub(crate) fn generate_with<M: CausalLm>(
         generated_token_count: generated as u32,
     };
     let max_tokens = max_tokens as usize;
-    if max_tokens == 0 {
-        return Ok(InferencingResult {
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    if max_tokens == 0 || cancelled() {
+        return Ok(Generation {
             text: String::new(),
             usage: usage(0),
+            finish: if max_tokens == 0 {
+                FinishReason::Length
+            } else {
+                FinishReason::Cancelled
+            },
         });
     }
     // Prompt + generated never exceed the context; the last token sampled is never fed back,
@@ -93,28 +110,37 @@ pub(crate) fn generate_with<M: CausalLm>(
             "model '{model_name}' produced no logits (its vocabulary is empty)"
         )));
     }
-    loop {
+    let finish = loop {
         let tok = sampler.sample(logits, &history);
         generated += 1;
         if eos.contains(&tok) {
-            break;
+            break FinishReason::Eos;
         }
         history.push(tok);
         if let (Some(s), Some(f)) = (streamer.as_mut(), on_text.as_mut()) {
-            s.step(m, &history[n_prompt..], &mut **f)?;
+            if s.step(m, &history[n_prompt..], &mut **f)?.is_break() {
+                break FinishReason::Cancelled;
+            }
         }
         if generated == max_new {
-            break;
+            break FinishReason::Length;
+        }
+        if cancelled() {
+            break FinishReason::Cancelled;
         }
         logits = m.forward(&mut state, &[tok])?;
-    }
+    };
     let text = m.decode(&history[n_prompt..])?;
-    if let (Some(s), Some(f)) = (streamer.as_mut(), on_text.as_mut()) {
-        s.finish(&text, &mut **f);
+    // A caller that said stop gets no more fragments.
+    if finish != FinishReason::Cancelled {
+        if let (Some(s), Some(f)) = (streamer.as_mut(), on_text.as_mut()) {
+            s.finish(&text, &mut **f);
+        }
     }
-    Ok(InferencingResult {
+    Ok(Generation {
         text,
         usage: usage(generated),
+        finish,
     })
 }
 
@@ -130,7 +156,7 @@ pub(crate) fn generate_with<M: CausalLm>(
 ///   token that is not (a single-character piece like "1" is held one step needlessly, which
 ///   costs nothing but latency).
 #[derive(Default)]
-struct Streamer {
+pub(crate) struct Streamer {
     /// Start of the decode window (tokens before it are settled).
     prefix: usize,
     /// Tokens before `read` have been emitted.
@@ -140,9 +166,14 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn step<M: CausalLm>(&mut self, m: &M, gen: &[u32], f: &mut dyn FnMut(&str)) -> Result<()> {
+    pub(crate) fn step<M: CausalLm>(
+        &mut self,
+        m: &M,
+        gen: &[u32],
+        f: OnText<'_>,
+    ) -> Result<ControlFlow<()>> {
         let Some(&last) = gen.last() else {
-            return Ok(());
+            return Ok(ControlFlow::Continue(()));
         };
         let alone = m.decode(&[last])?;
         let mut chars = alone.chars();
@@ -152,30 +183,30 @@ impl Streamer {
             _ => false,
         };
         if maybe_byte {
-            return Ok(());
+            return Ok(ControlFlow::Continue(()));
         }
         let before = m.decode(&gen[self.prefix..self.read])?;
         let now = m.decode(&gen[self.prefix..])?;
         if now.len() > before.len() && now.starts_with(&before) && !now.ends_with('\u{FFFD}') {
             let fresh = &now[before.len()..];
-            f(fresh);
             self.emitted.push_str(fresh);
             self.prefix = self.read;
             self.read = gen.len();
+            return Ok(f(fresh));
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     }
 
     /// Emits whatever the final text has beyond what was streamed (held-back tokens, a trailing
     /// incomplete character).
-    fn finish(&mut self, text: &str, f: &mut dyn FnMut(&str)) {
+    pub(crate) fn finish(&mut self, text: &str, f: OnText<'_>) {
         debug_assert!(
             text.starts_with(&self.emitted),
             "streamed text is not a prefix"
         );
         if let Some(rest) = text.strip_prefix(self.emitted.as_str()) {
             if !rest.is_empty() {
-                f(rest);
+                let _ = f(rest); // the last fragment: nothing is left to stop
             }
         }
     }
@@ -328,7 +359,7 @@ mod tests {
         v
     }
 
-    fn run(m: &Fake, prompt: &str, max: u32) -> Result<(InferencingResult, Vec<String>)> {
+    fn run(m: &Fake, prompt: &str, max: u32) -> Result<(Generation, Vec<String>)> {
         let (_, mut s) = greedy(max);
         let mut frags = Vec::new();
         let r = generate_with(
@@ -337,9 +368,80 @@ mod tests {
             prompt,
             max,
             &mut s,
-            Some(&mut |t: &str| frags.push(t.to_string())),
+            None,
+            Some(&mut |t: &str| {
+                frags.push(t.to_string());
+                ControlFlow::Continue(())
+            }),
         )?;
         Ok((r, frags))
+    }
+
+    #[test]
+    fn finish_reasons() {
+        let m = Fake::new(script("ab", true), 100);
+        assert_eq!(run(&m, "x", 50).unwrap().0.finish, FinishReason::Eos);
+        assert_eq!(run(&m, "x", 1).unwrap().0.finish, FinishReason::Length);
+        assert_eq!(run(&m, "x", 0).unwrap().0.finish, FinishReason::Length);
+        // Context full counts as length.
+        let m = Fake::new(script("abcdefgh", false), 6);
+        assert_eq!(run(&m, "ab", 100).unwrap().0.finish, FinishReason::Length);
+    }
+
+    #[test]
+    fn callback_break_stops_at_once_and_flag_stops_before_the_next_step() {
+        let m = Fake::new(vec![piece(0), piece(1), piece(2), piece(3), EOS], 100);
+        let (_, mut s) = greedy(50);
+        let mut frags = Vec::new();
+        let r = generate_with(
+            &m,
+            "fake",
+            "x",
+            50,
+            &mut s,
+            None,
+            Some(&mut |t: &str| {
+                frags.push(t.to_string());
+                if frags.len() == 2 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            }),
+        )
+        .unwrap();
+        assert_eq!(frags, ["Hello", " world"]);
+        assert_eq!(
+            (r.text.as_str(), r.finish),
+            ("Hello world", FinishReason::Cancelled)
+        );
+        assert_eq!(r.usage.generated_token_count, 2);
+
+        // A flag set from the callback (as another thread would) stops after that token.
+        let flag = AtomicBool::new(false);
+        let (_, mut s) = greedy(50);
+        let r = generate_with(
+            &m,
+            "fake",
+            "x",
+            50,
+            &mut s,
+            Some(&flag),
+            Some(&mut |_: &str| {
+                flag.store(true, Ordering::Relaxed);
+                ControlFlow::Continue(())
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.text.as_str(), r.finish),
+            ("Hello", FinishReason::Cancelled)
+        );
+        // Set before the start: nothing runs.
+        let (_, mut s) = greedy(50);
+        let r = generate_with(&m, "fake", "x", 50, &mut s, Some(&flag), None).unwrap();
+        assert_eq!((r.text.as_str(), r.finish), ("", FinishReason::Cancelled));
+        assert_eq!(r.usage.generated_token_count, 0);
     }
 
     #[test]

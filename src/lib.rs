@@ -2,7 +2,9 @@
 //! (`fermyon:spin/llm`): `infer`, `infer_with_options` and `generate_embeddings` over Llama
 //! language models and BERT sentence embedders (all-MiniLM-L6-v2) in Spin's registry layout.
 
+mod batch;
 mod bench;
+mod bench_concurrency;
 mod bert;
 mod config;
 mod engine;
@@ -12,8 +14,10 @@ mod sampler;
 mod tokenizer;
 mod weights;
 
+pub use batch::{EngineOptions, EngineStats};
 pub use engine::{check_model_name, Component, Engine};
 pub use llama::ChatMessage;
+pub use std::ops::ControlFlow;
 
 /// The layers under [`Engine`], for the CLI, tests, benches and tools built on the engine:
 /// models, tokenizer and weight loading, the sampler, the bench and the kernels. No stability
@@ -37,6 +41,10 @@ pub mod internals {
     }
     pub mod bench {
         pub use crate::bench::*;
+    }
+    /// `spinfer bench --concurrency`: streams at once through the batch scheduler.
+    pub mod bench_concurrency {
+        pub use crate::bench_concurrency::*;
     }
 }
 
@@ -86,6 +94,45 @@ pub struct InferencingResult {
     pub usage: InferencingUsage,
 }
 
+/// A generation request beyond Spin's interface: what library hosts and the OpenAI API add.
+/// `GenerateOptions::default()` is Spin's defaults with a fresh seed.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    pub params: InferencingParams,
+    /// Fixes the sampler's RNG for reproducible output; `None` draws a fresh seed.
+    pub seed: Option<u64>,
+    /// OpenAI's additive penalties, in [-2, 2]: each token's logit loses
+    /// `frequency_penalty × count + presence_penalty` for a token seen `count` > 0 times in the
+    /// repeat-penalty window (the last `repeat_penalty_last_n_token_count` tokens of prompt +
+    /// generated, as llama.cpp's penalties use it). Applied after the repeat penalty.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// Set it (from any thread) to stop the request at its next step, whether it is still
+    /// waiting, prefilling or decoding; the result so far comes back with
+    /// [`FinishReason::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated, or prompt + generated filled the context.
+    Length,
+    /// The caller stopped it: the text callback returned `Break`, or `cancel` was set.
+    Cancelled,
+}
+
+/// The result of [`Engine::generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The continuation so far (not the prompt, not the EOS token).
+    pub text: String,
+    pub usage: InferencingUsage,
+    pub finish: FinishReason,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EmbeddingsUsage {
     pub prompt_token_count: u32,
@@ -123,6 +170,9 @@ pub enum Cause {
     Model,
     /// Not enough room now (queue or memory budget full); the same request may succeed later.
     Overloaded,
+    /// The request could never fit the engine's limits (e.g. its KV cache alone is bigger than
+    /// the whole KV budget): retrying will not help, asking for fewer tokens may.
+    TooLarge,
     /// Anything else: the engine itself failed (no usable kernels, a failed job).
     Internal,
 }

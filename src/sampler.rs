@@ -113,12 +113,15 @@ pub struct Sampler {
     top_p: f32,
     repeat_penalty: f32,
     last_n: usize,
+    /// OpenAI's additive penalties (0 = off), over the same window as the repeat penalty.
+    frequency_penalty: f32,
+    presence_penalty: f32,
     rng: Rng,
     /// (vocab,) penalised logits, then probabilities.
     probs: Vec<f32>,
     /// (vocab,) candidate token ids; a prefix of it is the kept set.
     idx: Vec<u32>,
-    /// (<= last_n,) distinct recent tokens.
+    /// (<= last_n,) the window's tokens, sorted.
     recent: Vec<u32>,
     /// (top_k,) min-heap of (probability bits, Reverse(id)) for small top-k.
     heap: BinaryHeap<Reverse<(u32, Reverse<u32>)>>,
@@ -138,6 +141,8 @@ impl Sampler {
             top_p: params.top_p,
             repeat_penalty: params.repeat_penalty,
             last_n: params.repeat_penalty_last_n_token_count as usize,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             rng: Rng::new(seed),
             probs: Vec::new(),
             idx: Vec::new(),
@@ -145,6 +150,25 @@ impl Sampler {
             heap: BinaryHeap::new(),
             kernels: crate::kernels()?,
         })
+    }
+
+    /// Adds OpenAI's `frequency_penalty` and `presence_penalty` (each in [-2, 2], as OpenAI
+    /// allows): a token seen `count` > 0 times in the window loses `frequency × count +
+    /// presence` from its logit, after the repeat penalty (llama.cpp's order).
+    pub fn with_openai_penalties(mut self, frequency: f32, presence: f32) -> Result<Sampler> {
+        for (name, v) in [
+            ("frequency_penalty", frequency),
+            ("presence_penalty", presence),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::invalid(format!(
+                    "{name} {v} must be a number between -2 and 2"
+                )));
+            }
+        }
+        self.frequency_penalty = frequency;
+        self.presence_penalty = presence;
+        Ok(self)
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -220,22 +244,30 @@ impl Sampler {
     }
 
     fn penalizes(&self) -> bool {
-        self.repeat_penalty != 1.0 && self.last_n > 0
+        self.last_n > 0
+            && (self.repeat_penalty != 1.0
+                || self.frequency_penalty != 0.0
+                || self.presence_penalty != 0.0)
     }
 
     fn apply_repeat_penalty(&mut self, history: &[u32]) {
-        let p = self.repeat_penalty;
         if !self.penalizes() {
             return;
         }
+        let (p, freq, pres) = (
+            self.repeat_penalty,
+            self.frequency_penalty,
+            self.presence_penalty,
+        );
         let start = history.len().saturating_sub(self.last_n);
         self.recent.clear();
         self.recent.extend_from_slice(&history[start..]);
         self.recent.sort_unstable();
-        self.recent.dedup();
-        for &t in &self.recent {
-            if let Some(l) = self.probs.get_mut(t as usize) {
+        // Each distinct token once for the repeat penalty; its count for the frequency penalty.
+        for run in self.recent.chunk_by(|a, b| a == b) {
+            if let Some(l) = self.probs.get_mut(run[0] as usize) {
                 *l = if *l >= 0.0 { *l / p } else { *l * p };
+                *l -= freq * run.len() as f32 + pres;
             }
         }
     }
@@ -382,6 +414,41 @@ mod tests {
         }
         assert_eq!(argmax(&[f32::NAN, 0.0, -1.0]), 1);
         assert_eq!(argmax(&[-5.0]), 0);
+    }
+
+    #[test]
+    fn openai_penalties_subtract_count_times_frequency_plus_presence() {
+        // Logits [3.0, 2.5, 1.0]; the window has token 0 twice and token 1 once.
+        let logits = [3.0, 2.5, 1.0];
+        let pick = |f: f32, pres: f32, hist: &[u32]| {
+            Sampler::new(&params(0.0, 40, 0.9, 1.0, 64), 1)
+                .unwrap()
+                .with_openai_penalties(f, pres)
+                .unwrap()
+                .sample(&logits, hist)
+        };
+        let hist = [0, 1, 0];
+        // f 0.2, p 0.1: [3.0 - 0.5, 2.5 - 0.3, 1.0] = [2.5, 2.2, 1.0] → 0.
+        assert_eq!(pick(0.2, 0.1, &hist), 0);
+        // f 0.6, p 0.1: [3.0 - 1.3, 2.5 - 0.7, 1.0] = [1.7, 1.8, 1.0] → 1 (the count matters).
+        assert_eq!(pick(0.6, 0.1, &hist), 1);
+        // p 1.6 alone does not count repeats: [1.4, 0.9, 1.0] → 0.
+        assert_eq!(pick(0.0, 1.6, &hist), 0);
+        // f 1.0: [1.0, 1.5, 1.0] → 1.
+        assert_eq!(pick(1.0, 0.0, &hist), 1);
+        // Negative presence encourages a seen token: only token 1 seen, [3.0, 4.5, 1.0] → 1.
+        assert_eq!(pick(0.0, -2.0, &[1]), 1);
+        // Outside the window (last n = 64 here, so use an empty history): no change → 0.
+        assert_eq!(pick(2.0, 2.0, &[]), 0);
+        // Out of OpenAI's range: invalid-input naming the value.
+        for (f, pres) in [(2.5, 0.0), (0.0, -2.1), (f32::NAN, 0.0)] {
+            let e = Sampler::new(&params(0.0, 40, 0.9, 1.0, 64), 1)
+                .unwrap()
+                .with_openai_penalties(f, pres)
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::InvalidInput(ref m) if m.contains("between -2 and 2")));
+        }
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! runs when `fixtures/fetch-minilm.sh` has laid it out and says so when it has not.
 
 use serde_json::Value;
-use spinfer::{Engine, Error, InferencingParams};
+use spinfer::{ControlFlow, Engine, Error, FinishReason, GenerateOptions, InferencingParams};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -460,6 +461,127 @@ fn streamed_fragments_concatenate_to_the_text() {
                 .infer_streaming(model, prompt, params, Some(7), &mut |t| s.push_str(t))
                 .unwrap();
             assert_eq!(s, out.text, "{model}/{} sampled", p["name"]);
+        }
+    }
+}
+
+#[test]
+fn generate_reports_finish_and_stops_when_asked() {
+    let Some(model) = llama_fixtures().into_iter().find(|n| n == "llama-gqa-bf16") else {
+        eprintln!("no llama-gqa-bf16 fixture yet: skipped");
+        return;
+    };
+    let engine = Engine::new(registry());
+    let r = reference("llama", &model);
+    let p = &r["prompts"][0];
+    let prompt = p["prompt"].as_str().unwrap();
+    let opts = GenerateOptions {
+        params: greedy(12),
+        ..Default::default()
+    };
+    let mut frags = Vec::new();
+    let full = engine
+        .generate(&model, prompt, &opts, &mut |t| {
+            frags.push(t.to_string());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    // Same text as the transformers reference; 12 tokens without EOS is a length finish.
+    assert_eq!(full.text, p["greedy_text"].as_str().unwrap());
+    assert_eq!(frags.concat(), full.text);
+    assert_eq!(full.usage.generated_token_count, 12);
+    assert_eq!(full.finish, FinishReason::Length);
+
+    // Break after the second fragment: the text is exactly those fragments.
+    let mut seen = Vec::new();
+    let cut = engine
+        .generate(&model, prompt, &opts, &mut |t| {
+            seen.push(t.to_string());
+            if seen.len() == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(cut.finish, FinishReason::Cancelled);
+    assert_eq!(cut.text, seen.concat());
+    assert!(full.text.starts_with(&cut.text) && cut.text.len() < full.text.len());
+
+    // A cancel flag set beforehand: nothing generated.
+    let flag = Arc::new(AtomicBool::new(true));
+    let none = engine
+        .generate(
+            &model,
+            prompt,
+            &GenerateOptions {
+                cancel: Some(flag),
+                ..opts.clone()
+            },
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_eq!(
+        (none.text.as_str(), none.finish),
+        ("", FinishReason::Cancelled)
+    );
+
+    // OpenAI penalties out of range are invalid-input, before the model is touched.
+    let bad = GenerateOptions {
+        frequency_penalty: 3.0,
+        ..opts
+    };
+    let e = Engine::new("/nonexistent")
+        .generate("x", "hi", &bad, &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(ref m) if m.contains("frequency_penalty 3")));
+}
+
+#[test]
+fn concurrent_embedding_requests_get_their_own_vectors() {
+    // Concurrent callers are embedded together (src/bert/batcher.rs); each must get exactly
+    // the vectors and token count its texts get alone. Tiny-bert always; MiniLM when fetched.
+    let mut models = vec![("tiny-bert".to_string(), registry())];
+    let real = root().join("fixtures/real/registry");
+    if real.join("all-minilm-l6-v2").is_dir() {
+        models.push(("all-minilm-l6-v2".to_string(), real));
+    }
+    let texts: Vec<String> = (0..32)
+        .map(|i| {
+            format!(
+                "sentence number {i} about {}",
+                ["cats", "the sea", "bread"][i % 3]
+            )
+        })
+        .collect();
+    for (model, reg) in models {
+        let engine = Engine::new(reg);
+        let alone: Vec<_> = texts
+            .chunks(4)
+            .map(|c| engine.generate_embeddings(&model, c).unwrap())
+            .collect();
+        for _round in 0..3 {
+            let go = std::sync::Barrier::new(8);
+            std::thread::scope(|sc| {
+                for (c, want) in texts.chunks(4).zip(&alone) {
+                    let (engine, model, go) = (&engine, &model, &go);
+                    sc.spawn(move || {
+                        go.wait();
+                        let got = engine.generate_embeddings(model, c).unwrap();
+                        assert_eq!(got.usage, want.usage);
+                        for (g, w) in got.embeddings.iter().zip(&want.embeddings) {
+                            // Vectors never depend on their batch (no padding); allow only
+                            // float reassociation inside kernels, as tests/bert.rs does.
+                            let d = g
+                                .iter()
+                                .zip(w)
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, f32::max);
+                            assert!(d <= 1e-6, "{model}: {d:e}");
+                        }
+                    });
+                }
+            });
         }
     }
 }

@@ -1189,7 +1189,9 @@ pub fn f32_to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 /// Set the number of threads kernels use (default: all cores). Effective only before the
-/// first parallel kernel runs; returns false if the pool was already built.
+/// first parallel kernel runs; returns false if the pool was already built. Process-wide, but
+/// only a speed knob: no kernel splits a sum across threads, so results do not depend on it
+/// (tests/llama.rs `thread_count_does_not_change_results`).
 pub fn set_threads(n: usize) -> bool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
