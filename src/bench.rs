@@ -10,11 +10,13 @@ use std::path::Path;
 use std::time::Instant;
 
 /// What this machine can do, measured now.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     pub threads: usize,
-    /// Memory read bandwidth, GB/s.
+    /// Memory read bandwidth, GB/s: the best reader's.
     pub bandwidth_gbs: f64,
+    /// How the best reader read, and every reader tried.
+    pub bandwidth: probe::Bandwidth,
     /// f32 FMA peak, GFLOP/s.
     pub fma_gflops: f64,
     /// AVX-512 BF16 dot-product peak, GFLOP/s, where the CPU has it.
@@ -25,9 +27,11 @@ pub struct Limits {
 
 pub fn measure_limits() -> Limits {
     let threads = rayon::current_num_threads();
+    let bandwidth = probe::measure_bandwidth();
     Limits {
         threads,
-        bandwidth_gbs: probe::measure_bandwidth_gbs(),
+        bandwidth_gbs: bandwidth.gbs,
+        bandwidth,
         fma_gflops: probe::measure_fma_peak_gflops(threads),
         bf16_gflops: probe::measure_bf16_peak_gflops(threads),
         amx_gflops: probe::measure_amx_peak_gflops(threads),
@@ -281,6 +285,18 @@ pub fn format_limits(l: &Limits) -> String {
     if let Some(a) = l.amx_gflops {
         let _ = write!(s, ", AMX bf16 peak {a:.0} GFLOP/s");
     }
+    let slowest = l
+        .bandwidth
+        .tried
+        .iter()
+        .map(|t| t.1)
+        .fold(f64::INFINITY, f64::min);
+    let _ = write!(
+        s,
+        "\n  (memory read: the best of {} readers, {}; the slowest read {slowest:.1} GB/s)",
+        l.bandwidth.tried.len(),
+        l.bandwidth.method
+    );
     s
 }
 
@@ -384,9 +400,10 @@ fn weights_are_bf16(dir: &Path) -> bool {
     crate::weights::WeightStore::open_dir(dir)
         .ok()
         .and_then(|s| {
-            s.get("model.layers.0.mlp.up_proj.weight")
-                .ok()
-                .map(|t| t.dtype)
+            // The safetensors name, or the GGUF one.
+            ["model.layers.0.mlp.up_proj.weight", "blk.0.ffn_up.weight"]
+                .iter()
+                .find_map(|n| s.get(n).ok().map(|t| t.dtype))
         })
         == Some(crate::weights::DType::Bf16)
 }

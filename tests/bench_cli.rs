@@ -47,6 +47,37 @@ fn llama_bench_reports_speed_beside_measured_limits() {
 }
 
 #[test]
+fn bench_reads_a_gguf_folder_and_names_the_bandwidth_reader() {
+    let (ok, out, err) = bench(&[
+        "--model",
+        "gguf-q4_0",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--readers",
+    ]);
+    assert!(ok, "bench failed: {err}");
+    for needle in ["prefill:", "decode:", "% of measured bandwidth"] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // The figure's method, then (--readers) one line per reader tried.
+    let method = out
+        .lines()
+        .find(|l| l.contains("(memory read: the best of"))
+        .unwrap_or_else(|| panic!("no method line in:\n{out}"));
+    assert!(method.contains(" streams"), "{method}");
+    let readers = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains("GB/s"))
+        .count();
+    assert!(
+        method.contains(&format!("the best of {readers} readers")),
+        "{readers} reader lines, method: {method}\n{out}"
+    );
+}
+
+#[test]
 fn embedding_bench_reports_batches_1_and_32() {
     let (ok, out, err) = bench(&["--model", "tiny-bert"]);
     assert!(ok, "bench failed: {err}");

@@ -321,8 +321,8 @@ pub(crate) struct Table {
     pub to_f32: fn(Weights<'_>, &mut [f32]),
     /// Independent FMA chains for the probe: 12 · lanes · 2 FLOP per iteration.
     pub burn: fn(usize) -> f32,
-    /// Sum of a buffer, read as fast as the core can (the probe's bandwidth).
-    pub read: fn(&[f32]) -> f32,
+    /// Sums of a buffer read in the ways `simd::READERS` lists (the probe's bandwidth).
+    pub read: [fn(&[f32]) -> f32; 4],
     /// Independent bf16 dot-product chains: 12 · 64 FLOP per iteration.
     pub bf16_burn: Option<fn(usize) -> f32>,
     /// The integer dot product of a block-format weight row with quantized activations.
@@ -423,25 +423,73 @@ const AMX_MIN_N: usize = 2;
 /// 0: not yet read from the environment, 1: on, 2: off.
 static BF16_DOT: AtomicU8 = AtomicU8::new(0);
 
-/// Whether `matmul` uses the bf16 dot-product path for bf16 weights by default.
-///
-/// `SPINFER_BF16_DOT=1`/`0` decides; otherwise it is on only where the CPU's bf16 dot product
-/// is measured (once, ~2 ms) to run at ≥ 1.3× its f32 FMA FLOP rate — true on Zen 4, false on
-/// Sapphire Rapids, whose `vdpbf16ps` runs at about half the FMA rate (measured here: ~40 vs
-/// ~80 GFLOP/s per core), so there the exact f32 path is both faster and exact.
+/// Whether `matmul` uses the bf16 dot-product path for bf16 weights by default: the
+/// [`bf16_dot_rule`], read once per process (so every model loaded in it agrees).
 pub fn bf16_dot_enabled() -> bool {
     match BF16_DOT.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => {
-            let on = match std::env::var("SPINFER_BF16_DOT").as_deref() {
-                Ok("0") | Ok("off") | Ok("false") => false,
-                Ok("1") | Ok("on") | Ok("true") => true,
-                _ => try_kernels().map(|k| k.bf16_dot_pays()).unwrap_or(false),
-            };
+            let on = bf16_dot_rule();
             BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
             on
         }
+    }
+}
+
+/// Who made the CPU, as CPUID leaf 0 says: the bf16 dot path's default depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuVendor {
+    Amd,
+    Intel,
+    Other,
+}
+
+impl CpuVendor {
+    /// This CPU's vendor (`Other` off x86-64).
+    pub fn detect() -> CpuVendor {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let r = core::arch::x86_64::__cpuid(0);
+            let mut id = [0u8; 12];
+            id[..4].copy_from_slice(&r.ebx.to_le_bytes());
+            id[4..8].copy_from_slice(&r.edx.to_le_bytes());
+            id[8..].copy_from_slice(&r.ecx.to_le_bytes());
+            match &id {
+                b"AuthenticAMD" => return CpuVendor::Amd,
+                b"GenuineIntel" => return CpuVendor::Intel,
+                _ => {}
+            }
+        }
+        CpuVendor::Other
+    }
+}
+
+/// The bf16 dot path's default for this process, decided without timing anything (a timing
+/// probe could flip at a near-tie between runs, and so change greedy text): see
+/// [`bf16_dot_choice`]. Same answer on every call.
+pub fn bf16_dot_rule() -> bool {
+    bf16_dot_choice(
+        std::env::var("SPINFER_BF16_DOT").ok().as_deref(),
+        try_kernels().map(|k| k.has_bf16_dot()).unwrap_or(false),
+        CpuVendor::detect(),
+    )
+}
+
+/// The rule, from its inputs:
+/// 1. `SPINFER_BF16_DOT` = `1`/`on`/`true` or `0`/`off`/`false` decides (any other value is
+///    ignored);
+/// 2. otherwise on only where the active tier has the AVX-512 BF16 dot product **and** the CPU
+///    is AMD's. On Zen 4 `vdpbf16ps` runs at about twice the f32 FMA FLOP rate (what the
+///    former start-up timing probe found there); Zen 5 is assumed alike (unmeasured). Intel's
+///    AVX-512 BF16 parts are Cooper Lake and Sapphire Rapids and later; on Sapphire Rapids it
+///    ran at about half the FMA rate (~40 vs ~80 GFLOP/s per core) and AMX does bf16 prefill
+///    there anyway, and Cooper Lake was never measured, so Intel keeps the exact f32 path.
+pub fn bf16_dot_choice(env: Option<&str>, tier_has_dot: bool, vendor: CpuVendor) -> bool {
+    match env {
+        Some("0") | Some("off") | Some("false") => false,
+        Some("1") | Some("on") | Some("true") => true,
+        _ => tier_has_dot && vendor == CpuVendor::Amd,
     }
 }
 
@@ -746,26 +794,6 @@ impl Kernels {
     /// Whether this tier has the bf16 dot-product matmul ([`Precision::Bf16Dot`]).
     pub fn has_bf16_dot(&self) -> bool {
         self.t.matmul_bf16.is_some()
-    }
-
-    /// Whether the bf16 dot product outruns f32 FMA by ≥ 1.3× in FLOP/s on this CPU (best of
-    /// three short single-thread runs of each; ~2 ms).
-    fn bf16_dot_pays(&self) -> bool {
-        let Some(bf) = self.t.bf16_burn else {
-            return false;
-        };
-        let best = |f: fn(usize) -> f32| {
-            (0..3)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    std::hint::black_box(f(20_000));
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        let fma_flops = 12.0 * self.isa.lanes() as f64 * 2.0 / best(self.t.burn);
-        let bf_flops = 12.0 * 64.0 / best(bf);
-        bf_flops >= 1.3 * fma_flops
     }
 
     /// y = W x with W `(y.len(), x.len())` row-major. Rows are split over the thread pool

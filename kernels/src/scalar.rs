@@ -258,7 +258,7 @@ pub(crate) static TABLE: Table = Table {
     axpy,
     to_f32,
     burn: scalar_burn,
-    read: |x| x.iter().sum(),
+    read: [|x| x.iter().sum(); 4],
     bf16_burn: None,
     qdot: crate::quant::scalar::vec_dot,
     qdot4: crate::quant::scalar::vec_dot4,

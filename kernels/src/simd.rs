@@ -1226,19 +1226,23 @@ pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
     s.hsum(t)
 }
 
-/// Sum `x` as 8 sequential streams far apart, a cache line per stream per step: several
-/// streams keep more lines in flight than one (about 10% more bandwidth here), so this is the
-/// read rate a kernel can reach, the probe's yardstick for the memory-bound kernels.
+/// Sum `x` as `STREAMS` sequential streams far apart, a cache line per stream per step:
+/// several streams keep more lines in flight than one, and which count streams fastest differs
+/// between machines, so the probe tries several (see [`READERS`]). With `PF`, each stream also
+/// prefetches 1 KiB ahead into L1, as the matvec kernels do.
 #[inline(always)]
-pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
-    const STREAMS: usize = 8;
+pub(crate) unsafe fn read<S: Simd, const STREAMS: usize, const PF: bool>(s: S, x: &[f32]) -> f32 {
     const LINE: usize = 16; // f32 per 64-byte cache line
+    const AHEAD: usize = 256; // f32 = 1 KiB
     let len = x.len() / STREAMS / LINE * LINE;
     let p = x.as_ptr();
     let mut acc = [s.splat(0.0); STREAMS];
     let mut i = 0;
     while i < len {
         for (j, a) in acc.iter_mut().enumerate() {
+            if PF {
+                prefetch(p.wrapping_add(j * len + i + AHEAD));
+            }
             let mut v = 0;
             while v < LINE {
                 *a = s.add(*a, s.load(p.add(j * len + i + v)));
@@ -1253,6 +1257,9 @@ pub(crate) unsafe fn read<S: Simd>(s: S, x: &[f32]) -> f32 {
     }
     s.hsum(t) + x[STREAMS * len..].iter().sum::<f32>()
 }
+
+/// The probe's readers: (streams per thread, prefetch), in the order of `Table::read`.
+pub(crate) const READERS: [(usize, bool); 4] = [(2, false), (4, false), (8, false), (4, true)];
 
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
@@ -1371,8 +1378,20 @@ macro_rules! tier_table {
             g::burn($S, iters)
         }
         #[$attr]
-        unsafe fn read_(x: &[f32]) -> f32 {
-            g::read($S, x)
+        unsafe fn read2_(x: &[f32]) -> f32 {
+            g::read::<_, 2, false>($S, x)
+        }
+        #[$attr]
+        unsafe fn read4_(x: &[f32]) -> f32 {
+            g::read::<_, 4, false>($S, x)
+        }
+        #[$attr]
+        unsafe fn read8_(x: &[f32]) -> f32 {
+            g::read::<_, 8, false>($S, x)
+        }
+        #[$attr]
+        unsafe fn read4pf_(x: &[f32]) -> f32 {
+            g::read::<_, 4, true>($S, x)
         }
 
         pub(crate) static $name: crate::Table = crate::Table {
@@ -1396,7 +1415,12 @@ macro_rules! tier_table {
             axpy: |y, a, x| unsafe { axpy_(y, a, x) },
             to_f32: |w, o| unsafe { to_f32_(w, o) },
             burn: |i| unsafe { burn_(i) },
-            read: |x| unsafe { read_(x) },
+            read: [
+                |x| unsafe { read2_(x) },
+                |x| unsafe { read4_(x) },
+                |x| unsafe { read8_(x) },
+                |x| unsafe { read4pf_(x) },
+            ],
             bf16_burn: $bf16burn,
             qdot: $qdot,
             qdot4: $qdot4,

@@ -7,9 +7,10 @@ use std::path::Path;
 pub const USAGE: &str = "\
 Usage: spinfer bench --model NAME [options]
 
-Loads NAME (an inferencing model <registry>/llama/NAME, or an embedding model <registry>/NAME)
-and prints load time, prefill and decode tokens/s and peak RSS (or, for an embedding model,
-sentences/s at batch 1 and 32), beside the memory bandwidth and FMA peak measured in this run.
+Loads NAME (an inferencing model <registry>/llama/NAME, safetensors or one GGUF file, or an
+embedding model <registry>/NAME) and prints load time, prefill and decode tokens/s and peak RSS
+(or, for an embedding model, sentences/s at batch 1 and 32), beside the memory bandwidth (the
+best of several readers, named in the output) and FMA peak measured in this run.
 
 Options:
   --model NAME          model name (required)
@@ -17,6 +18,7 @@ Options:
   --prompt-tokens N     prompt length for prefill [default: 128]
   --gen-tokens N        tokens decoded after the prompt [default: 64]
   --threads N           kernel threads [default: all cores]
+  --readers             also print every bandwidth reader's figure, not only the best
   --concurrency LIST    instead: streams at once through the batch scheduler, e.g. 1,2,4,8,16
                         (aggregate tok/s, time to first token, inter-token latency p50/p99),
                         then the prefix cache's TTFT (500-token prefix + 20-token question);
@@ -30,6 +32,7 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     let mut registry = DEFAULT_REGISTRY.to_string();
     let (mut prompt_tokens, mut gen_tokens) = (128usize, 64usize);
     let mut threads: Option<usize> = None;
+    let mut readers = false;
     let mut concurrency: Option<Vec<usize>> = None;
     while let Some(arg) = p.next_arg() {
         match arg {
@@ -41,6 +44,10 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
                 "--prompt-tokens" => prompt_tokens = p.parsed(&f, v, "a whole number")?,
                 "--gen-tokens" => gen_tokens = p.parsed(&f, v, "a whole number")?,
                 "--threads" => threads = Some(p.parsed(&f, v, "a whole number")?),
+                "--readers" => {
+                    p.no_flag_value(&f, &v)?;
+                    readers = true
+                }
                 "--concurrency" => {
                     let list = p.value(&f, v)?;
                     let levels: Option<Vec<usize>> = list
@@ -102,6 +109,11 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     };
     let limits = bench::measure_limits();
     println!("{}", bench::format_limits(&limits));
+    if readers {
+        for (how, gbs) in &limits.bandwidth.tried {
+            println!("    {gbs:5.1} GB/s  {how}");
+        }
+    }
     match report {
         Report::Llama(b) => {
             println!("model: {} (Llama)", dir.display());

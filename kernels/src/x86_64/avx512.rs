@@ -5,9 +5,9 @@
 //! ≤ 2^-9 per element) and products accumulate in f32. Each output then carries a relative
 //! error of roughly 2^-9 · sqrt(k)·rms(w·x)/|y| — about 0.1-0.5% for k = 2048 — the same trade
 //! llama.cpp makes for bf16 models (its vec_dot type for BF16 is BF16). Whether it is the
-//! default is decided by measurement (`bf16_dot_enabled`): it pays where `vdpbf16ps` runs at
-//! twice the f32 FMA FLOP rate (Zen 4), not on Sapphire Rapids (about half). `SPINFER_BF16_DOT`
-//! overrides it; each model's `Policy` picks per call. Matrix-vector products (decode) are
+//! default is a fixed rule from the CPU (`bf16_dot_choice`: AMD only): it pays where
+//! `vdpbf16ps` runs at twice the f32 FMA FLOP rate (Zen 4), not on Sapphire Rapids (about
+//! half). `SPINFER_BF16_DOT` overrides it; each model's `Policy` picks per call. Matrix-vector products (decode) are
 //! memory-bound and always exact.
 
 use crate::simd::{MatmulJob, Simd, MC};
