@@ -376,6 +376,36 @@ fn matmul_matches_oracle_every_tier() {
 }
 
 #[test]
+fn matmul_token_rows_equal_matvec_bit_for_bit() {
+    // Batch invariance (issue 12): a token's outputs must not depend on how many tokens share
+    // the product, or a batched request could sample differently than it would alone. The
+    // single-token dots are the multi-token bodies with N = 1, so this holds exactly.
+    let mut rng = Rng(11);
+    for f in block_formats() {
+        let cols = if f.block_len() == 256 { 512 } else { 96 };
+        let rows = 37;
+        let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+        for n in [1, 3, 4, 9] {
+            let x = acts_x(&mut rng, n * cols);
+            for k in tiers() {
+                let mut y = vec![f32::NAN; n * rows];
+                k.matmul(s.w(), &x, n, &mut y);
+                for t in 0..n {
+                    let mut alone = vec![f32::NAN; rows];
+                    k.matvec(s.w(), &x[t * cols..(t + 1) * cols], &mut alone);
+                    let got: Vec<u32> = y[t * rows..(t + 1) * rows]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{} {} n {n} token {t}", k.isa(), f.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn to_f32_and_value_at_equal_dequantize() {
     let mut rng = Rng(4);
     for f in block_formats() {
