@@ -179,3 +179,118 @@ fn a_client_that_goes_away_cancels_its_generation() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Spin's `api_type = "open_ai"` requests, byte for byte as contract §6 gives them (JSON with a
+/// content-type; no temperature, so the chat is sampled and only its shape is checked).
+#[test]
+fn spin_open_ai_requests_byte_for_byte() {
+    require_real_models();
+    let s = start();
+    let a = s.addr;
+    let raw = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nauthorization: bearer {TOKEN}\r\n\
+             content-type: application/json\r\naccept: */*\r\naccept-encoding: gzip\r\n\
+             host: {a}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"Say hello."}}],"model":"{CHAT}","max_completion_tokens":16,"frequency_penalty":1.1}}"#
+    );
+    let r = send_raw(a, &raw("/v1/chat/completions", &body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 16);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    let body = format!(r#"{{"input":["The cat sits outside"],"model":"{EMBED}"}}"#);
+    let r = send_raw(a, &raw("/v1/embeddings", &body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let e = Engine::new(registry())
+        .generate_embeddings(EMBED, &["The cat sits outside"])
+        .unwrap();
+    let got: Vec<f32> = serde_json::from_value(r.json()["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(got, e.embeddings[0]);
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"],
+        e.usage.prompt_token_count
+    );
+}
+
+/// A full queue answers 503 with Retry-After; a generation past --request-timeout answers 504;
+/// the server serves on after both.
+#[test]
+fn queue_limit_and_request_timeout() {
+    require_real_models();
+    let s = Server::start(
+        &[
+            "--registry",
+            registry().to_str().unwrap(),
+            "--models",
+            CHAT,
+            "--max-active",
+            "1",
+            "--max-queue",
+            "0",
+            "--request-timeout",
+            "2",
+        ],
+        &[("SPINFER_AUTH_TOKEN", TOKEN)],
+    );
+    let a = s.addr;
+    let long = json!({"model": CHAT, "prompt": "Once upon a time", "max_tokens": 100000,
+                      "temperature": 1.0, "stream": true});
+    let mut c = connect(a);
+    c.write_all(&raw_request(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(TOKEN),
+        &long.to_string(),
+    ))
+    .unwrap();
+    let mut held = BufReader::new(c);
+    assert_eq!(read_head(&mut held).0, 200);
+    // The one slot is taken and no one may wait: refused at once.
+    let r = request(
+        a,
+        "POST",
+        "/infer",
+        Some(TOKEN),
+        &format!(r#"{{"model":"{CHAT}","prompt":"x"}}"#),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // The held stream ends by the 2 s timeout with an error event, then [DONE].
+    let mut body = Vec::new();
+    while let Some(chunk) = read_chunk(&mut held) {
+        body.extend(chunk);
+    }
+    let body = String::from_utf8(body).unwrap();
+    let ev = sse_events(&body);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    assert!(ev[ev.len() - 2].contains("\"timeout\""), "{body:.300}");
+    // Not streamed: 504.
+    let mut nostream = long.clone();
+    nostream["stream"] = json!(false);
+    let r = request(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(TOKEN),
+        &nostream.to_string(),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    let r = request(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(TOKEN),
+        &json!({"model": CHAT, "prompt": "Hi", "max_tokens": 2}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -101,7 +101,6 @@ pub async fn start(
     let hold = log.hold();
     let guard = CancelOnDrop(Arc::clone(&cancel));
     tokio::task::spawn_blocking(move || {
-        let _slot = slot;
         let _hold = hold;
         let _done = done_tx;
         let metrics = log.metrics();
@@ -131,6 +130,9 @@ pub async fn start(
             })
         });
         metrics.active.fetch_sub(1, Ordering::SeqCst);
+        // The engine's work is over: free the slot before the client can see the end, so a
+        // client's next request never finds its own finished one still holding it.
+        drop(slot);
         let done = match r {
             Err(e) => Err(Failure::from(e)),
             Ok(g) => {

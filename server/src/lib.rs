@@ -107,6 +107,9 @@ impl State {
 
     /// A slot to run one engine call: waits in the bounded queue, or is refused when it is full.
     async fn slot(&self) -> Result<Slot, Failure> {
+        if let Ok(permit) = Arc::clone(&self.limiter).try_acquire_owned() {
+            return Ok(Slot { _permit: permit });
+        }
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_queue {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Failure::overloaded(
