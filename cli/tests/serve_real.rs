@@ -169,6 +169,24 @@ fn a_client_that_goes_away_cancels_its_generation() {
     let line = s.wait_log(|v| v["path"] == "/v1/chat/completions");
     assert_eq!(line["finish"], "client-gone", "{line}");
     wait_metric(a, "spinfer_active_sequences 0");
+    // Not streamed: the client closes its connection while it waits for the answer.
+    let body = json!({"model": CHAT, "prompt": "Tell me a long story.", "temperature": 1.0,
+                      "max_tokens": 100000});
+    let mut c = connect(a);
+    c.write_all(&raw_request(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(TOKEN),
+        &body.to_string(),
+    ))
+    .unwrap();
+    wait_metric(a, "spinfer_active_sequences 1");
+    drop(c);
+    let line = s.wait_log(|v| v["path"] == "/v1/completions");
+    assert_eq!(line["finish"], "client-gone", "{line}");
+    assert_eq!(line["status"], 499, "{line}");
+    wait_metric(a, "spinfer_active_sequences 0");
     // And the server goes on.
     let r = request(
         a,

@@ -270,7 +270,7 @@ struct LogInner {
     fields: Mutex<Fields>,
     /// Holds outstanding: the response body and any engine thread still working for it.
     holds: AtomicUsize,
-    /// The response status, once the handler has answered (0 before).
+    /// The response status; 499 (nginx's "client closed request") until the handler answers.
     status: AtomicU16,
     written: AtomicBool,
 }
@@ -297,7 +297,7 @@ impl RequestLog {
             start,
             fields: Mutex::new(Fields::default()),
             holds: AtomicUsize::new(0),
-            status: AtomicU16::new(0),
+            status: AtomicU16::new(499),
             written: AtomicBool::new(false),
         }))
     }
@@ -336,7 +336,7 @@ impl RequestLog {
     fn write(&self) {
         let l = &self.0;
         let status = l.status.load(Ordering::SeqCst);
-        if status == 0 || l.written.swap(true, Ordering::SeqCst) {
+        if l.written.swap(true, Ordering::SeqCst) {
             return;
         }
         let secs = l.start.elapsed().as_secs_f64();

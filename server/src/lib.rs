@@ -294,8 +294,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, remote: SocketAddr) -
         remote,
         start,
     );
+    // Held while the handler runs: if the client goes away first, hyper drops this future and
+    // the line is written (status 499) once any engine thread for it has stopped.
+    let answering = log.hold();
     let resp = dispatch(&state, req, &log, route).await;
-    log.attach(resp)
+    let resp = log.attach(resp);
+    drop(answering);
+    resp
 }
 
 /// The metrics label of a route: the path of a known route, else "other" (unknown paths must not
