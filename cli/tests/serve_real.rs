@@ -4,6 +4,9 @@
 //! completions, embeddings (base64 and float) and an error, each checked against the library's
 //! own greedy results. Also a client that goes away mid-stream on a model whose context is long
 //! enough that only cancellation can end the generation early.
+//!
+//! Spawns the CLI (`CARGO_BIN_EXE_spinfer`, through serve_common), so .ci/cross.sh leaves it to
+//! native runs.
 
 mod serve_common;
 
