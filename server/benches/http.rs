@@ -53,8 +53,17 @@ fn args() -> Args {
 }
 
 /// Distinct prompts so that requests are not identical (the same set in both modes).
+/// Story openings, so that greedy generation runs to `max_tokens` rather than stopping at an
+/// early end of sequence.
 fn prompt(client: usize, i: usize) -> String {
-    format!("Request {i} from client {client}: write a short story about the number {client}{i}.")
+    const WHO: [&str; 8] = [
+        "fox", "robot", "king", "baker", "dragon", "sailor", "cat", "witch",
+    ];
+    format!(
+        "Once upon a time, in a village by the sea, there lived a {} called number {}. Every morning,",
+        WHO[client % WHO.len()],
+        client * 10 + i
+    )
 }
 
 fn params(max_tokens: u32) -> GenerateOptions {
@@ -198,9 +207,10 @@ fn main() {
                 http(addr, &a)
             };
             println!(
-                "{mode:<8} {round:>6} {:>10.2} {:>9.1} {secs:>10.2}",
+                "{mode:<8} {round:>6} {:>10.2} {:>9.1} {secs:>10.2} {:>11.1}",
                 n as f64 / secs,
-                tok as f64 / secs
+                tok as f64 / secs,
+                tok as f64 / n as f64
             );
             if mode == "direct" {
                 (d_tok, d_s) = (d_tok + tok, d_s + secs);
