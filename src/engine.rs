@@ -3,9 +3,12 @@
 //!
 //! Public API:
 //! - [`Engine::new`]`(registry)`; `Engine` is `Send + Sync`: share it (e.g. in an `Arc`) between
-//!   threads. Models load once, on first use, and are shared by all requests; each request gets
-//!   its own KV cache and scratch. No lock is held during an inference, and a load holds only
-//!   that model's slot (requests for other models go on).
+//!   threads. Models load once, on first use, and are shared by all requests. Generations on
+//!   one model run through its batch scheduler (src/batch/): concurrent requests decode
+//!   together, each with its own KV cache, sampler and callback, within a KV memory budget and
+//!   a bounded queue ([`Engine::with_options`], [`EngineOptions`]; [`Engine::stats`]).
+//!   Concurrent embedding calls on one model share forward passes. A load holds only that
+//!   model's slot (requests for other models go on).
 //! - [`Engine::infer`], [`Engine::infer_with_options`], [`Engine::infer_streaming`] (text
 //!   fragments as they are produced, optional fixed seed), [`Engine::generate_embeddings`].
 //! - [`Engine::generate`]: everything at once ([`GenerateOptions`]: seed, OpenAI penalties, a
@@ -22,8 +25,9 @@
 //!   the first EOS id, after `max_tokens`, or when prompt + generated fill the context.
 //! - Seed: fresh per request unless the caller fixes one ([`Engine::infer_streaming`]).
 
+use crate::batch::{Batcher, Budget, EmbedBatcher, EngineOptions, EngineStats};
 use crate::bert::BertModel;
-use crate::generate::{generate_with, OnText};
+use crate::generate::OnText;
 use crate::llama::{ChatMessage, LlamaModel};
 use crate::sampler::{fresh_seed, Sampler};
 use crate::{
@@ -53,6 +57,15 @@ impl<M> Cache<M> {
         }
     }
 
+    /// The models loaded so far (one waiting on a load is skipped, not waited for).
+    fn loaded(&self) -> Vec<Arc<M>> {
+        let slots: Vec<Slot<M>> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|s| s.try_lock().ok().and_then(|g| g.clone()))
+            .collect()
+    }
+
     fn get_or_load(&self, name: &str, load: impl FnOnce() -> Result<M>) -> Result<Arc<M>> {
         let slot = {
             let mut map = lock(&self.slots);
@@ -73,24 +86,62 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A loaded Llama model and its batch scheduler (whose thread holds the model too).
+pub(crate) struct LlamaEntry {
+    pub(crate) model: Arc<LlamaModel>,
+    batcher: Batcher,
+}
+
+/// A loaded embedding model and the batcher its concurrent callers share.
+pub(crate) struct BertEntry {
+    model: BertModel,
+    batcher: EmbedBatcher,
+}
+
 /// The engine a host links: one per registry, shared by all components.
 pub struct Engine {
     registry: PathBuf,
-    llamas: Cache<LlamaModel>,
-    berts: Cache<BertModel>,
+    options: EngineOptions,
+    budget: Arc<Budget>,
+    llamas: Cache<LlamaEntry>,
+    berts: Cache<BertEntry>,
     loads: AtomicUsize,
 }
 
 impl Engine {
     /// An engine over a Spin model registry (usually `<app>/.spin/ai-models`). Nothing is read
-    /// until the first request.
+    /// until the first request. Default [`EngineOptions`].
     pub fn new(registry: impl Into<PathBuf>) -> Engine {
+        Engine::with_options(registry, EngineOptions::default())
+    }
+
+    /// [`Engine::new`] with the given KV budget, queue and batch limits.
+    pub fn with_options(registry: impl Into<PathBuf>, options: EngineOptions) -> Engine {
         Engine {
             registry: registry.into(),
+            budget: Arc::new(Budget::new(options.kv_budget_bytes)),
+            options,
             llamas: Cache::new(),
             berts: Cache::new(),
             loads: AtomicUsize::new(0),
         }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    /// Queue depth, sequences in flight and KV memory, summed over the loaded models.
+    pub fn stats(&self) -> EngineStats {
+        let mut st = EngineStats {
+            kv_budget_bytes: self.budget.limit(),
+            kv_bytes_used: self.budget.used(),
+            ..Default::default()
+        };
+        for e in self.llamas.loaded() {
+            e.batcher.add_stats(&mut st);
+        }
+        st
     }
 
     pub fn registry(&self) -> &Path {
@@ -196,7 +247,10 @@ impl Engine {
             });
         }
         let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let (embeddings, tokens) = guarded(|| m.embed(&refs))?;
+        let (embeddings, tokens) = guarded(|| {
+            let (seqs, tokens) = m.model.tokenize_all(&refs)?;
+            Ok((m.batcher.embed(&m.model, seqs)?, tokens))
+        })?;
         Ok(EmbeddingsResult {
             embeddings,
             usage: EmbeddingsUsage {
@@ -207,6 +261,10 @@ impl Engine {
 
     /// Loads (or finds loaded) the inferencing model `<registry>/llama/<name>/`.
     pub(crate) fn inferencing_model(&self, name: &str) -> Result<Arc<LlamaModel>> {
+        Ok(Arc::clone(&self.llama_entry(name)?.model))
+    }
+
+    fn llama_entry(&self, name: &str) -> Result<Arc<LlamaEntry>> {
         check_model_name(name)?;
         self.llamas.get_or_load(name, || {
             let dir = self.registry.join("llama").join(name);
@@ -215,24 +273,33 @@ impl Engine {
                     "no model directory found in registry for model '{name}'"
                 )));
             }
-            let m = LlamaModel::load(&dir)?;
+            let model = Arc::new(LlamaModel::load(&dir)?);
+            let batcher = Batcher::start(
+                Arc::clone(&model),
+                name,
+                self.options.clone(),
+                Arc::clone(&self.budget),
+            )?;
             self.loads.fetch_add(1, Ordering::SeqCst);
-            Ok(m)
+            Ok(LlamaEntry { model, batcher })
         })
     }
 
     /// Loads (or finds loaded) the embedding model `<registry>/<name>/`. A folder that is not a
     /// BERT-family sentence embedder (or no folder) is `model-not-supported`.
-    pub(crate) fn embedding_model(&self, name: &str) -> Result<Arc<BertModel>> {
+    pub(crate) fn embedding_model(&self, name: &str) -> Result<Arc<BertEntry>> {
         check_model_name(name)?;
         self.berts.get_or_load(name, || {
             let dir = self.registry.join(name);
             if !looks_like_bert(&dir) {
                 return Err(Error::ModelNotSupported);
             }
-            let m = BertModel::load(&dir)?;
+            let model = BertModel::load(&dir)?;
             self.loads.fetch_add(1, Ordering::SeqCst);
-            Ok(m)
+            Ok(BertEntry {
+                model,
+                batcher: EmbedBatcher::default(),
+            })
         })
     }
 
@@ -244,20 +311,30 @@ impl Engine {
         on_text: Option<OnText<'_>>,
     ) -> Result<Generation> {
         // Parameters are checked before the model is touched.
-        let mut sampler = Sampler::new(&o.params, o.seed.unwrap_or_else(fresh_seed))?
+        let sampler = Sampler::new(&o.params, o.seed.unwrap_or_else(fresh_seed))?
             .with_openai_penalties(o.frequency_penalty, o.presence_penalty)?;
-        let m = self.inferencing_model(model)?;
-        let cancel = o.cancel.as_deref();
+        let e = self.llama_entry(model)?;
         guarded(|| {
-            generate_with(
-                &*m,
-                model,
-                prompt,
-                o.params.max_tokens,
-                &mut sampler,
-                cancel,
-                on_text,
-            )
+            e.batcher
+                .generate(&e.model, model, prompt, o, sampler, on_text, None)
+        })
+    }
+
+    /// [`Engine::generate`] without text, calling `on_token` with each generated token id as
+    /// it arrives (the concurrency bench times tokens, not fragments).
+    pub(crate) fn generate_tokens(
+        &self,
+        model: &str,
+        prompt: &str,
+        o: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let sampler = Sampler::new(&o.params, o.seed.unwrap_or_else(fresh_seed))?
+            .with_openai_penalties(o.frequency_penalty, o.presence_penalty)?;
+        let e = self.llama_entry(model)?;
+        guarded(|| {
+            e.batcher
+                .generate(&e.model, model, prompt, o, sampler, None, Some(on_token))
         })
     }
 }

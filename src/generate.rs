@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What generation needs from a causal language model (implemented by [`LlamaModel`]; a fake in
 /// the tests exercises the loop without weights).
+#[allow(dead_code)] // the full interface serves `generate_with`'s fake-model tests
 pub(crate) trait CausalLm {
     type State;
     fn encode(&self, prompt: &str) -> Result<Vec<u32>>;
@@ -45,9 +46,12 @@ impl CausalLm for LlamaModel {
 /// Receives text fragments as they are produced; `Break` stops the generation.
 pub(crate) type OnText<'a> = &'a mut dyn FnMut(&str) -> ControlFlow<()>;
 
-/// The generation loop: encode, check the length, prefill the prompt in one batch, then sample
+/// The lone generation loop (the engine runs requests through the batch scheduler, whose
+/// caller side keeps these rules; this loop stays as their reference, tested on a fake model).
+/// Encode, check the length, prefill the prompt in one batch, then sample
 /// and feed one token at a time until EOS, `max_tokens`, the context is full, `on_text` says
 /// stop, or `cancel` is set (checked before the prefill and before each step).
+#[allow(dead_code)]
 pub(crate) fn generate_with<M: CausalLm>(
     m: &M,
     model_name: &str,
@@ -152,7 +156,7 @@ pub(crate) fn generate_with<M: CausalLm>(
 ///   token that is not (a single-character piece like "1" is held one step needlessly, which
 ///   costs nothing but latency).
 #[derive(Default)]
-struct Streamer {
+pub(crate) struct Streamer {
     /// Start of the decode window (tokens before it are settled).
     prefix: usize,
     /// Tokens before `read` have been emitted.
@@ -162,7 +166,12 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn step<M: CausalLm>(&mut self, m: &M, gen: &[u32], f: OnText<'_>) -> Result<ControlFlow<()>> {
+    pub(crate) fn step<M: CausalLm>(
+        &mut self,
+        m: &M,
+        gen: &[u32],
+        f: OnText<'_>,
+    ) -> Result<ControlFlow<()>> {
         let Some(&last) = gen.last() else {
             return Ok(ControlFlow::Continue(()));
         };
@@ -190,7 +199,7 @@ impl Streamer {
 
     /// Emits whatever the final text has beyond what was streamed (held-back tokens, a trailing
     /// incomplete character).
-    fn finish(&mut self, text: &str, f: OnText<'_>) {
+    pub(crate) fn finish(&mut self, text: &str, f: OnText<'_>) {
         debug_assert!(
             text.starts_with(&self.emitted),
             "streamed text is not a prefix"

@@ -2,7 +2,9 @@
 //! (`fermyon:spin/llm`): `infer`, `infer_with_options` and `generate_embeddings` over Llama
 //! language models and BERT sentence embedders (all-MiniLM-L6-v2) in Spin's registry layout.
 
+mod batch;
 mod bench;
+mod bench_concurrency;
 mod bert;
 mod config;
 mod engine;
@@ -12,6 +14,7 @@ mod sampler;
 mod tokenizer;
 mod weights;
 
+pub use batch::{EngineOptions, EngineStats};
 pub use engine::{check_model_name, Component, Engine};
 pub use llama::ChatMessage;
 pub use std::ops::ControlFlow;
@@ -38,6 +41,10 @@ pub mod internals {
     }
     pub mod bench {
         pub use crate::bench::*;
+    }
+    /// `spinfer bench --concurrency`: streams at once through the batch scheduler.
+    pub mod bench_concurrency {
+        pub use crate::bench_concurrency::*;
     }
 }
 
@@ -163,6 +170,9 @@ pub enum Cause {
     Model,
     /// Not enough room now (queue or memory budget full); the same request may succeed later.
     Overloaded,
+    /// The request could never fit the engine's limits (e.g. its KV cache alone is bigger than
+    /// the whole KV budget): retrying will not help, asking for fewer tokens may.
+    TooLarge,
     /// Anything else: the engine itself failed (no usable kernels, a failed job).
     Internal,
 }

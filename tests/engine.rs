@@ -538,6 +538,55 @@ fn generate_reports_finish_and_stops_when_asked() {
 }
 
 #[test]
+fn concurrent_embedding_requests_get_their_own_vectors() {
+    // Concurrent callers are embedded together (src/bert/batcher.rs); each must get exactly
+    // the vectors and token count its texts get alone. Tiny-bert always; MiniLM when fetched.
+    let mut models = vec![("tiny-bert".to_string(), registry())];
+    let real = root().join("fixtures/real/registry");
+    if real.join("all-minilm-l6-v2").is_dir() {
+        models.push(("all-minilm-l6-v2".to_string(), real));
+    }
+    let texts: Vec<String> = (0..32)
+        .map(|i| {
+            format!(
+                "sentence number {i} about {}",
+                ["cats", "the sea", "bread"][i % 3]
+            )
+        })
+        .collect();
+    for (model, reg) in models {
+        let engine = Engine::new(reg);
+        let alone: Vec<_> = texts
+            .chunks(4)
+            .map(|c| engine.generate_embeddings(&model, c).unwrap())
+            .collect();
+        for _round in 0..3 {
+            let go = std::sync::Barrier::new(8);
+            std::thread::scope(|sc| {
+                for (c, want) in texts.chunks(4).zip(&alone) {
+                    let (engine, model, go) = (&engine, &model, &go);
+                    sc.spawn(move || {
+                        go.wait();
+                        let got = engine.generate_embeddings(model, c).unwrap();
+                        assert_eq!(got.usage, want.usage);
+                        for (g, w) in got.embeddings.iter().zip(&want.embeddings) {
+                            // Vectors never depend on their batch (no padding); allow only
+                            // float reassociation inside kernels, as tests/bert.rs does.
+                            let d = g
+                                .iter()
+                                .zip(w)
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, f32::max);
+                            assert!(d <= 1e-6, "{model}: {d:e}");
+                        }
+                    });
+                }
+            });
+        }
+    }
+}
+
+#[test]
 fn a_fixed_seed_reproduces_sampled_output() {
     let Some(model) = llama_fixtures().into_iter().find(|n| n == "tiny-llama") else {
         eprintln!("no tiny-llama fixture yet: skipped");

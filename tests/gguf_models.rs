@@ -100,12 +100,17 @@ fn every_weight_type_matches_transformers_dequantized_reference() {
             let mut state = m.new_state(all.len());
             let logits = m.forward_all_logits(&mut state, &all).unwrap();
             let rows = p["logits"].as_array().unwrap();
-            // The error measured at each step that has a reference row (bounded below).
+            // The error measured at each step that has a reference row (bounded below), and
+            // the largest logit error there.
             let mut step_nmse = Vec::new();
+            let mut step_max = Vec::new();
             for (i, want) in rows.iter().enumerate() {
                 let got = &logits[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
-                let e = nmse(got, &floats(want));
+                let want = floats(want);
+                let e = nmse(got, &want);
                 step_nmse.push(e);
+                let m = got.iter().zip(&want).map(|(g, w)| (g - w).abs() as f64);
+                step_max.push(m.fold(0f64, f64::max));
                 worst = worst.max(e);
                 assert!(
                     e <= bound(ty),
@@ -115,14 +120,17 @@ fn every_weight_type_matches_transformers_dequantized_reference() {
             }
             // Every greedy choice, except where the reference's margin is within what our
             // error can move: 6 × the rms logit error measured at that step (steps past the
-            // reference's rows: the prompt's worst measured error), itself bounded above.
+            // reference's rows: the prompt's worst measured error), itself bounded above, or
+            // 2 × the largest logit error measured at that step (a margin between two logits
+            // moves by at most that: rms alone missed a 1.24 margin our error closed to 0.001,
+            // gguf-q4_1/short step 6, where f32 summation order then picks the winner).
             let prompt_worst = step_nmse.iter().cloned().fold(0f64, f64::max);
             let mut first_tie = greedy.len();
             for (i, &want) in greedy.iter().enumerate() {
                 let row = &logits[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
                 let ms = row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v as f64;
                 let e = step_nmse.get(i).copied().unwrap_or(prompt_worst);
-                let tie_band = 6.0 * (e * ms).sqrt();
+                let tie_band = (6.0 * (e * ms).sqrt()).max(2.0 * step_max.get(i).unwrap_or(&0.0));
                 let margin = p["margins"][i].as_f64().unwrap();
                 let got = argmax(row);
                 if margin < tie_band {

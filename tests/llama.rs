@@ -345,3 +345,40 @@ fn decode_of_unknown_ids_does_not_panic() {
         Err(e) => assert!(matches!(e, Error::RuntimeError(_)), "{e:?}"),
     }
 }
+
+#[test]
+fn thread_count_does_not_change_results() {
+    // The thread count stays a process-wide speed knob (`SPINFER_THREADS` / `set_threads`)
+    // because no kernel splits a sum across threads: each output element is computed by one
+    // thread in a fixed order. So a model gives bit-identical logits on 1 thread and on all of
+    // them, and two models with different thread counts could not differ in their numbers.
+    // Checked on every fixture format (safetensors f32/f16/bf16 and the GGUF block formats),
+    // prefill (batched matmul) and decode (team matvec), default and exact policy.
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut names = fixture_models();
+    names.extend(
+        std::fs::read_dir(root().join("registry/llama"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("gguf-")),
+    );
+    for policy in [Policy::from_env(), Policy::EXACT] {
+        for name in &names {
+            let model = LlamaModel::load_with(&model_dir(name), policy).unwrap();
+            let ids = model.encode("The quick brown fox jumps over").unwrap();
+            let run = || {
+                let mut s = model.new_state(ids.len() + 4);
+                let mut all = model.forward(&mut s, &ids).unwrap().to_vec();
+                for t in [1u32, 5, 9, 3] {
+                    all.extend_from_slice(model.forward(&mut s, &[t]).unwrap());
+                }
+                all.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            let many = run();
+            assert_eq!(one.install(run), many, "{name} with {policy:?}");
+        }
+    }
+}

@@ -329,6 +329,10 @@ pub(crate) struct Table {
     pub qdot: fn(Weights<'_>, Acts<'_>) -> f32,
     /// `qdot` of one row with four tokens' activations (each weight block unpacked once).
     pub qdot4: fn(Weights<'_>, [Acts<'_>; 4]) -> [f32; 4],
+    /// `qdot` of every row of a block of rows with one token's activations (decode's matvec).
+    pub qrows: fn(Weights<'_>, Acts<'_>, &mut [f32]),
+    /// A tile of rows × n tokens' activations into (n, rows) (prefill's matmul).
+    pub qtile: fn(Weights<'_>, Acts<'_>, usize, &mut [f32]),
 }
 
 /// A bf16-activation matmul: `cvt` rounds X to bf16 bits, `mm` computes columns r0..r1 of Y
@@ -486,7 +490,7 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Matrix-vector products sharing `x`, cut into ~256 KiB blocks of whole 8-row tiles (long
+/// Matrix-vector products sharing `x`, cut into blocks (≤ ~256 KiB) of whole 8-row tiles (long
 /// enough for matvec's eight streams to run a while), numbered across the matrices; a block
 /// never straddles two of them. Threads (rayon's or a team's) then take blocks in turn.
 pub(crate) struct MatvecBlocks<'a> {
@@ -497,7 +501,7 @@ pub(crate) struct MatvecBlocks<'a> {
     x: &'a [f32],
     block: usize,
     f: fn(Weights<'_>, usize, &[f32], &mut [f32]),
-    qdot: fn(Weights<'_>, Acts<'_>) -> f32,
+    qrows: fn(Weights<'_>, Acts<'_>, &mut [f32]),
     pub count: usize,
 }
 
@@ -519,17 +523,12 @@ impl<'a> MatvecBlocks<'a> {
             acts: [None; 4],
             block: 8,
             f: k.t.matvec_ld,
-            qdot: k.t.qdot,
+            qrows: k.t.qrows,
             count: 0,
         };
         for (w, y, rows) in jobs {
             assert!(mb.n < 4, "matvecs: at most four matrices");
             assert_eq!(w.len(), cols * rows, "matvec: weights are not (rows, cols)");
-            if mb.n == 0 {
-                mb.block = ((256 << 10) / (w.bytes() / rows.max(1)).max(1))
-                    .next_multiple_of(8)
-                    .max(8);
-            }
             mb.parts[mb.n] = (w, SyncPtr(y), rows);
             if let Some(f) = w.format().act_format() {
                 check_blocks("matvec", w.format(), cols);
@@ -537,9 +536,20 @@ impl<'a> MatvecBlocks<'a> {
                 assert_eq!(a.len(), cols, "matvecs: activations not quantized");
                 mb.acts[mb.n] = Some(a);
             }
-            mb.first[mb.n] = mb.count;
-            mb.count += rows.div_ceil(mb.block);
             mb.n += 1;
+        }
+        // ~256 KiB of the first matrix's rows, but at least eight blocks per thread over all
+        // rows: a small model's matrices (SmolLM2's 576-row ones are 200 KiB in Q4_1) would
+        // otherwise be one block that one thread computes while the other waits.
+        let total: usize = mb.parts[..mb.n].iter().map(|p| p.2).sum();
+        if let Some(&(w, _, rows)) = mb.parts[..mb.n].first() {
+            let cap = (256 << 10) / (w.bytes() / rows.max(1)).max(1);
+            let share = total.div_ceil(8 * rayon::current_num_threads().max(1));
+            mb.block = cap.min(share).next_multiple_of(8).max(8);
+        }
+        for i in 0..mb.n {
+            mb.first[i] = mb.count;
+            mb.count += mb.parts[i].2.div_ceil(mb.block);
         }
         mb
     }
@@ -558,11 +568,7 @@ impl<'a> MatvecBlocks<'a> {
         let yb = std::slice::from_raw_parts_mut(y.0.add(r0), r1 - r0);
         match self.acts[i] {
             None => (self.f)(w.slice(r0 * cols, r1 * cols), cols, self.x, yb),
-            Some(a) => {
-                for (r, yr) in (r0..r1).zip(yb) {
-                    *yr = (self.qdot)(w.row(r, cols), a);
-                }
-            }
+            Some(a) => (self.qrows)(w.slice(r0 * cols, r1 * cols), a, yb),
         }
     }
 }
@@ -1018,14 +1024,15 @@ impl Kernels {
     }
 
     /// Y = X Wᵀ for block-format W: each token row of X quantized once (in parallel), then
-    /// tiles of `QT` weight rows × all tokens, so a tile of W is read from memory once and
-    /// from cache for every token; rows are split over the pool as in [`Kernels::run_matmul`].
+    /// tiles of `QT` weight rows × all tokens (the tier's `qtile`: a tile of W is read from
+    /// memory once and from cache for every token), copied into Y's columns; rows are split
+    /// over the pool as in [`Kernels::run_matmul`].
     fn matmul_quant(&self, w: Weights<'_>, x: &[f32], n: usize, k: usize, m: usize, y: &mut [f32]) {
         const QT: usize = 16;
         let f = w.format();
         check_blocks("matmul", f, k);
         let af = f.act_format().expect("block format");
-        let (qdot, qdot4) = (self.t.qdot, self.t.qdot4);
+        let qtile = self.t.qtile;
         let yp = SyncPtr(y.as_mut_ptr());
         with_acts(|buf| {
             let acts = if n * k >= PAR_MIN {
@@ -1035,29 +1042,19 @@ impl Kernels {
             };
             let rows = |r0: usize, r1: usize| {
                 let yp = &yp; // the whole (Sync) wrapper, not its raw field
+                let mut out = vec![0f32; n * QT];
                 for t0 in (r0..r1).step_by(QT) {
                     let t1 = (t0 + QT).min(r1);
-                    let at = |t: usize| acts.slice(t * k, (t + 1) * k);
-                    // Four tokens at a time: each weight block unpacked once for the four.
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let a = [at(t), at(t + 1), at(t + 2), at(t + 3)];
-                        for r in t0..t1 {
-                            let v = qdot4(w.row(r, k), a);
-                            for (i, v) in v.into_iter().enumerate() {
-                                // SAFETY: (t + i, r) lies in Y (n, m); each thread has its rows.
-                                unsafe { *yp.0.add((t + i) * m + r) = v };
-                            }
-                        }
-                        t += 4;
-                    }
-                    for t in t..n {
-                        let a = at(t);
-                        for r in t0..t1 {
-                            let v = qdot(w.row(r, k), a);
-                            // SAFETY: (t, r) lies in Y (n, m); each thread has its own rows.
-                            unsafe { *yp.0.add(t * m + r) = v };
-                        }
+                    let out = &mut out[..n * (t1 - t0)];
+                    qtile(w.slice(t0 * k, t1 * k), acts, n, out);
+                    for t in 0..n {
+                        let src = &out[t * (t1 - t0)..(t + 1) * (t1 - t0)];
+                        // SAFETY: row t, columns t0..t1 lie in Y (n, m); each thread has its
+                        // own columns.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(yp.0.add(t * m + t0), t1 - t0)
+                        };
+                        dst.copy_from_slice(src);
                     }
                 }
             };
@@ -1161,7 +1158,9 @@ pub fn f32_to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 /// Set the number of threads kernels use (default: all cores). Effective only before the
-/// first parallel kernel runs; returns false if the pool was already built.
+/// first parallel kernel runs; returns false if the pool was already built. Process-wide, but
+/// only a speed knob: no kernel splits a sum across threads, so results do not depend on it
+/// (tests/llama.rs `thread_count_does_not_change_results`).
 pub fn set_threads(n: usize) -> bool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)

@@ -262,4 +262,6 @@ pub(crate) static TABLE: Table = Table {
     bf16_burn: None,
     qdot: crate::quant::scalar::vec_dot,
     qdot4: crate::quant::scalar::vec_dot4,
+    qrows: crate::quant::scalar::matvec_rows,
+    qtile: crate::quant::scalar::matmul_tile,
 };

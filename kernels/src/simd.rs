@@ -1281,6 +1281,8 @@ macro_rules! tier_table {
             bf16_burn: $bf16burn,
             quant_dot: crate::quant::scalar::vec_dot,
             quant_dot4: crate::quant::scalar::vec_dot4,
+            quant_rows: crate::quant::scalar::matvec_rows,
+            quant_tile: crate::quant::scalar::matmul_tile,
         });
     };
     ($name:ident {
@@ -1292,7 +1294,9 @@ macro_rules! tier_table {
         bf16_matmul: $bf16mm:expr,
         bf16_burn: $bf16burn:expr,
         quant_dot: $qdot:expr,
-        quant_dot4: $qdot4:expr $(,)?
+        quant_dot4: $qdot4:expr,
+        quant_rows: $qrows:expr,
+        quant_tile: $qtile:expr $(,)?
     }) => {
         use crate::simd as g;
         use crate::Weights;
@@ -1396,6 +1400,8 @@ macro_rules! tier_table {
             bf16_burn: $bf16burn,
             qdot: $qdot,
             qdot4: $qdot4,
+            qrows: $qrows,
+            qtile: $qtile,
         };
     };
 }

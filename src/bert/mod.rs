@@ -202,6 +202,12 @@ impl BertModel {
         if texts.is_empty() {
             return Ok((Vec::new(), 0));
         }
+        let (seqs, count) = self.tokenize_all(texts)?;
+        Ok((self.embed_ids(&seqs)?, count))
+    }
+
+    /// Every text's token ids (as the model sees them) and their total count.
+    pub fn tokenize_all(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, u32)> {
         let mut seqs = Vec::with_capacity(texts.len());
         let mut count: u64 = 0;
         for (i, text) in texts.iter().enumerate() {
@@ -216,7 +222,16 @@ impl BertModel {
                 "{count} tokens in one request: more than a u32 usage count can hold"
             ))
         })?;
+        Ok((seqs, count))
+    }
 
+    /// One L2-normalised vector per token sequence (from [`BertModel::tokenize_all`]), in
+    /// passes of up to a token budget. Each sequence attends to itself alone, so its vector
+    /// does not depend on the others in its pass (concurrent callers' texts share passes).
+    pub fn embed_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
         // Passes of at most MAX_PASS_TOKENS tokens (one input is at most `window` <= 512).
         let pass_tokens = seqs
             .iter()
@@ -243,7 +258,7 @@ impl BertModel {
             out.extend(forward::forward(self, &seqs[start..end], scratch)?);
             start = end;
         }
-        Ok((out, count))
+        Ok(out)
     }
 }
 

@@ -63,6 +63,49 @@ impl LlamaState {
         }
     }
 
+    /// Scratch for one sequence at a time whose KV cache lives elsewhere (the batch
+    /// scheduler's): no KV of its own, attention rows for up to `max_len` positions. Lend it a
+    /// cache with [`LlamaState::with_kv`].
+    pub(crate) fn scratch(cfg: &LlamaConfig, max_len: usize) -> LlamaState {
+        let mut s = LlamaState::new(cfg, 0);
+        s.batch = MAX_BATCH;
+        let (h, qd, kvd, inter) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let b = MAX_BATCH;
+        s.x = vec![0.0; b * h];
+        s.xn = vec![0.0; b * h];
+        s.q = vec![0.0; b * qd];
+        s.k = vec![0.0; b * kvd];
+        s.v = vec![0.0; b * kvd];
+        s.att_heads = vec![0.0; b * qd];
+        s.att = vec![0.0; b * qd];
+        s.gate = vec![0.0; b * inter];
+        s.up = vec![0.0; b * inter];
+        s.cos = vec![0.0; b * cfg.head_dim / 2];
+        s.sin = vec![0.0; b * cfg.head_dim / 2];
+        s.scores = vec![0.0; cfg.num_attention_heads * max_len.max(1)];
+        s
+    }
+
+    /// Runs `f` on this scratch with `kv` (holding `pos` positions) as its cache; returns the
+    /// cache, with the positions `f` added, to its owner afterwards (also if `f` fails).
+    pub(crate) fn with_kv<T>(
+        &mut self,
+        kv: &mut KvCache,
+        pos: usize,
+        f: impl FnOnce(&mut LlamaState) -> T,
+    ) -> T {
+        std::mem::swap(&mut self.kv, kv);
+        self.pos = pos;
+        let r = f(self);
+        std::mem::swap(&mut self.kv, kv);
+        r
+    }
+
     /// Positions already in the KV cache.
     pub fn pos(&self) -> usize {
         self.pos
@@ -300,10 +343,24 @@ impl Forward<'_> {
 
     /// SwiGLU feed-forward block of layer `l`: x += W_down (silu(W_gate xn) * W_up xn).
     fn ffn_block(&self, s: &mut LlamaState, l: usize, n: usize) {
+        let h = self.cfg.hidden_size;
+        let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
+        self.ffn(l, n, x, xn, &mut s.gate, &mut s.up);
+    }
+
+    /// [`Forward::ffn_block`] on the `n` rows of `x`, with `xn`, `gate`, `up` as scratch.
+    fn ffn(
+        &self,
+        l: usize,
+        n: usize,
+        x: &mut [f32],
+        xn: &mut [f32],
+        gate: &mut [f32],
+        up: &mut [f32],
+    ) {
         let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
-        let (gate, up) = (&mut s.gate[..n * inter], &mut s.up[..n * inter]);
+        let (gate, up) = (&mut gate[..n * inter], &mut up[..n * inter]);
         for t in 0..n {
             let r = t * h..(t + 1) * h;
             k.rmsnorm(&x[r.clone()], &lw.ffn_norm, cfg.rms_norm_eps, &mut xn[r]);
@@ -416,5 +473,225 @@ impl Forward<'_> {
             Err(e) => return Err(Error::internal(format!("decode failed: {e}"))),
         }
         Ok(())
+    }
+}
+
+/// One sequence's part of a batched step: `tokens` at positions `pos..` against its own cache.
+pub struct Segment<'a> {
+    pub kv: &'a mut KvCache,
+    pub pos: usize,
+    pub tokens: &'a [u32],
+    /// Whether its last token's logits are wanted (a decode, or a prompt's last chunk).
+    pub logits: bool,
+}
+
+/// Activation scratch for batched steps; grows on demand.
+#[derive(Default)]
+pub struct BatchScratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att_heads: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scores: Vec<f32>,
+    /// (segments wanting logits, vocab), in segment order.
+    pub(crate) logits: Vec<f32>,
+}
+
+impl BatchScratch {
+    /// The last step's logits: one vocab-long row per segment that wanted them, in order.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn fit(&mut self, cfg: &LlamaConfig, n: usize, score_len: usize, out_rows: usize) {
+        let (h, qd, kvd, inter) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let half = cfg.head_dim / 2;
+        for (v, len) in [
+            (&mut self.x, n * h),
+            (&mut self.xn, n * h),
+            (&mut self.q, n * qd),
+            (&mut self.k, n * kvd),
+            (&mut self.v, n * kvd),
+            (&mut self.att_heads, n * qd),
+            (&mut self.att, n * qd),
+            (&mut self.gate, n * inter),
+            (&mut self.up, n * inter),
+            (&mut self.cos, n * half),
+            (&mut self.sin, n * half),
+            (&mut self.scores, score_len),
+            (&mut self.logits, out_rows * cfg.vocab_size),
+        ] {
+            v.resize(len, 0.0);
+        }
+    }
+}
+
+impl Forward<'_> {
+    /// One batched step over several sequences (the batch scheduler's): every segment's tokens
+    /// go through each weight matrix in one matrix-matrix product, attention runs per sequence
+    /// against its own cache. The same kernels as [`Forward::chunk`] in the same order per
+    /// token, so a token's numbers differ from a lone run only by the matmul's summation order
+    /// for a different token count. Leaves the logits of segments that want them in
+    /// `sc.logits`; the caller advances each sequence's position by its token count.
+    pub fn step(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>]) {
+        let (cfg, k) = (self.cfg, self.k);
+        let (h, half) = (cfg.hidden_size, cfg.head_dim / 2);
+        let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
+        let score_len: usize = segs
+            .iter()
+            .map(|s| cfg.num_attention_heads * (s.pos + s.tokens.len()))
+            .sum();
+        let out_rows = segs.iter().filter(|s| s.logits).count();
+        sc.fit(cfg, n, score_len, out_rows);
+        let embed = self.w.w(self.w.embed);
+        let mut t = 0;
+        for s in segs.iter() {
+            debug_assert!(s.pos + s.tokens.len() <= s.kv.capacity());
+            for (i, &tok) in s.tokens.iter().enumerate() {
+                k.to_f32(embed.row(tok as usize, h), &mut sc.x[t * h..(t + 1) * h]);
+                let r = t * half..(t + 1) * half;
+                self.rope_angles(s.pos + i, 1, &mut sc.cos[r.clone()], &mut sc.sin[r]);
+                t += 1;
+            }
+        }
+        for l in 0..self.w.layers.len() {
+            self.step_attn(sc, segs, l, n);
+            self.ffn(
+                l,
+                n,
+                &mut sc.x[..n * h],
+                &mut sc.xn[..n * h],
+                &mut sc.gate,
+                &mut sc.up,
+            );
+        }
+        // Final norm of the rows that want logits, gathered; then lm_head over them at once.
+        let mut t = 0;
+        let mut row = 0;
+        for s in segs.iter() {
+            t += s.tokens.len();
+            if s.logits {
+                let last = (t - 1) * h..t * h;
+                k.rmsnorm(
+                    &sc.x[last],
+                    &self.w.norm,
+                    cfg.rms_norm_eps,
+                    &mut sc.xn[row * h..(row + 1) * h],
+                );
+                row += 1;
+            }
+        }
+        if out_rows > 0 {
+            let lm_head = self.w.w(self.w.lm_head);
+            self.matmul(lm_head, &sc.xn[..out_rows * h], out_rows, &mut sc.logits);
+        }
+    }
+
+    /// [`Forward::attn_block`] over the segments of a batched step.
+    fn step_attn(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>], l: usize, n: usize) {
+        let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
+        let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let half = hd / 2;
+        let (x, xn) = (&mut sc.x[..n * h], &mut sc.xn[..n * h]);
+        for t in 0..n {
+            let r = t * h..(t + 1) * h;
+            k.rmsnorm(&x[r.clone()], &lw.attn_norm, cfg.rms_norm_eps, &mut xn[r]);
+        }
+        let (q, kn, vn) = (
+            &mut sc.q[..n * qd],
+            &mut sc.k[..n * kvd],
+            &mut sc.v[..n * kvd],
+        );
+        self.matmul(self.w.w(lw.wq), xn, n, q);
+        self.matmul(self.w.w(lw.wk), xn, n, kn);
+        self.matmul(self.w.w(lw.wv), xn, n, vn);
+        let mut t = 0;
+        for s in segs.iter_mut() {
+            for i in 0..s.tokens.len() {
+                let (c, sn) = (
+                    &sc.cos[t * half..(t + 1) * half],
+                    &sc.sin[t * half..(t + 1) * half],
+                );
+                self.rope(&mut q[t * qd..(t + 1) * qd], c, sn);
+                self.rope(&mut kn[t * kvd..(t + 1) * kvd], c, sn);
+                for g in 0..cfg.num_key_value_heads {
+                    let r = t * kvd + g * hd..t * kvd + (g + 1) * hd;
+                    s.kv.head_mut(l, g).write(s.pos + i, &kn[r.clone()], &vn[r]);
+                }
+                t += 1;
+            }
+        }
+
+        // One work item per (segment, query head): its (tokens, hd) block of the
+        // segment-then-head-major output and its own rows of scores.
+        let heads = cfg.num_attention_heads;
+        let group = heads / cfg.num_key_value_heads;
+        let mut items = Vec::with_capacity(segs.len() * heads);
+        let (mut out, mut scores) = (&mut sc.att_heads[..n * qd], &mut sc.scores[..]);
+        let mut t0 = 0;
+        let mut work = 0;
+        for (si, s) in segs.iter().enumerate() {
+            let (ns, len) = (s.tokens.len(), s.pos + s.tokens.len());
+            work += heads * ns * len * hd;
+            for head in 0..heads {
+                let (o, rest) = std::mem::take(&mut out).split_at_mut(ns * hd);
+                let (sr, srest) = std::mem::take(&mut scores).split_at_mut(len);
+                (out, scores) = (rest, srest);
+                items.push((si, t0, head, o, sr));
+            }
+            t0 += ns;
+        }
+        let q = &*q;
+        let segs = &*segs;
+        let one = |(si, t0, head, out, scores): (usize, usize, usize, &mut [f32], &mut [f32])| {
+            let s = &segs[si];
+            let kvh = s.kv.head(l, head / group);
+            for i in 0..s.tokens.len() {
+                let t = t0 + i;
+                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                self.attend(
+                    kvh,
+                    qt,
+                    s.pos + i + 1,
+                    scores,
+                    &mut out[i * hd..(i + 1) * hd],
+                );
+            }
+        };
+        if work >= 1 << 16 && items.len() > 1 {
+            items.into_par_iter().for_each(one);
+        } else {
+            items.into_iter().for_each(one);
+        }
+        // (segment, head, token, hd) -> (token, n_heads*hd)
+        let att = &mut sc.att[..n * qd];
+        let mut t0 = 0;
+        for s in segs.iter() {
+            let ns = s.tokens.len();
+            let base = t0 * qd;
+            for head in 0..heads {
+                for i in 0..ns {
+                    let src = base + (head * ns + i) * hd;
+                    let t = t0 + i;
+                    att[t * qd + head * hd..t * qd + (head + 1) * hd]
+                        .copy_from_slice(&sc.att_heads[src..src + hd]);
+                }
+            }
+            t0 += ns;
+        }
+        self.matmul(self.w.w(lw.wo), att, n, xn);
+        k.add(x, xn);
     }
 }

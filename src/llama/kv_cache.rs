@@ -54,6 +54,79 @@ impl KvCache {
         }
     }
 
+    /// [`KvCache::new`], but an allocation failure is an error rather than an abort (the batch
+    /// scheduler sizes caches from requests).
+    pub fn try_new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Result<KvCache, std::collections::TryReserveError> {
+        let n = layers * kv_heads * capacity * head_dim;
+        let zeros = |n: usize| -> Result<Vec<f32>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)?;
+            v.resize(n, 0.0);
+            Ok(v)
+        };
+        Ok(KvCache {
+            layout: KvLayout {
+                capacity,
+                kv_heads,
+                head_dim,
+            },
+            k: zeros(n)?,
+            v: zeros(n)?,
+        })
+    }
+
+    /// Bytes a cache of these dimensions holds (keys and values).
+    pub fn bytes_for(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> usize {
+        2 * layers * kv_heads * head_dim * capacity * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes this cache holds.
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+
+    /// Copies positions `0..len` of every head from `src` (same model, any capacity): the KV
+    /// of a shared prompt prefix, which depends on those tokens alone.
+    pub fn copy_prefix(&mut self, src: &KvCache, len: usize) {
+        let (a, b) = (self.layout, src.layout);
+        if len == 0 {
+            return;
+        }
+        assert!(
+            a.kv_heads == b.kv_heads
+                && a.head_dim == b.head_dim
+                && self.k.len() / a.capacity == src.k.len() / b.capacity,
+            "copy_prefix: different models"
+        );
+        assert!(
+            len <= a.capacity && len <= b.capacity,
+            "copy_prefix: too long"
+        );
+        let hd = a.head_dim;
+        for (dst, s) in self
+            .k
+            .chunks_exact_mut(a.per())
+            .zip(src.k.chunks_exact(b.per()))
+        {
+            dst[..len * hd].copy_from_slice(&s[..len * hd]);
+        }
+        for (dst, s) in self
+            .v
+            .chunks_exact_mut(a.per())
+            .zip(src.v.chunks_exact(b.per()))
+        {
+            for d in 0..hd {
+                dst[d * a.capacity..d * a.capacity + len]
+                    .copy_from_slice(&s[d * b.capacity..d * b.capacity + len]);
+            }
+        }
+    }
+
     /// Most positions it holds.
     pub fn capacity(&self) -> usize {
         self.layout.capacity
@@ -88,6 +161,11 @@ impl KvCache {
 }
 
 impl KvLayout {
+    /// Floats per head, in each of the key and value storage.
+    fn per(&self) -> usize {
+        self.capacity * self.head_dim
+    }
+
     /// Where head (`layer`, `head`) lies in each of [`KvCache::storage_mut`]'s slices.
     pub fn range(&self, layer: usize, head: usize) -> Range<usize> {
         let per = self.capacity * self.head_dim;

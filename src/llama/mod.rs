@@ -28,7 +28,7 @@ mod model;
 
 pub use chat::ChatMessage;
 pub use config::{LlamaConfig, RopeScaling};
-pub use forward::{LlamaState, MAX_BATCH};
+pub use forward::{BatchScratch, LlamaState, Segment, MAX_BATCH};
 pub use kv_cache::KvCache;
 
 use crate::weights::WeightStore;
@@ -176,6 +176,62 @@ impl LlamaModel {
     /// A KV cache and scratch for `capacity` positions (capped at the context), allocated now.
     pub fn new_state(&self, capacity: usize) -> LlamaState {
         LlamaState::new(&self.cfg, capacity)
+    }
+
+    /// Bytes of a KV cache for `capacity` positions.
+    pub fn kv_bytes(&self, capacity: usize) -> usize {
+        let c = &self.cfg;
+        KvCache::bytes_for(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+        )
+    }
+
+    /// A KV cache for `capacity` positions; an allocation failure is an error, not an abort.
+    pub fn try_new_kv(&self, capacity: usize) -> Result<KvCache> {
+        let c = &self.cfg;
+        KvCache::try_new(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+        )
+        .map_err(|e| {
+            Error::with_cause(
+                crate::Cause::Overloaded,
+                format!(
+                    "cannot allocate a KV cache of {} bytes: {e}",
+                    self.kv_bytes(capacity)
+                ),
+            )
+        })
+    }
+
+    /// Scratch for running one sequence at a time on a cache held elsewhere (the batch
+    /// scheduler's lone steps), for sequences of up to `max_len` positions.
+    pub(crate) fn scratch_state(&self, max_len: usize) -> LlamaState {
+        LlamaState::scratch(&self.cfg, max_len)
+    }
+
+    /// [`LlamaModel::forward`] of `tokens` at positions `pos..` of `kv`, on `scratch`: exactly
+    /// the lone path (so a request running alone in the scheduler computes what it did before).
+    pub(crate) fn forward_on<'s>(
+        &self,
+        scratch: &'s mut LlamaState,
+        kv: &mut KvCache,
+        pos: usize,
+        tokens: &[u32],
+    ) -> Result<&'s [f32]> {
+        scratch.with_kv(kv, pos, |s| self.run(s, tokens, None))?;
+        Ok(scratch.logits())
+    }
+
+    /// One batched step over several sequences (see `Forward::step`); the logits of the
+    /// segments that want them are left in `sc.logits`, in order.
+    pub fn step(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>]) {
+        self.fwd().step(sc, segs)
     }
 
     fn fwd(&self) -> Forward<'_> {

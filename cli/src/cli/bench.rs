@@ -17,6 +17,10 @@ Options:
   --prompt-tokens N     prompt length for prefill [default: 128]
   --gen-tokens N        tokens decoded after the prompt [default: 64]
   --threads N           kernel threads [default: all cores]
+  --concurrency LIST    instead: streams at once through the batch scheduler, e.g. 1,2,4,8,16
+                        (aggregate tok/s, time to first token, inter-token latency p50/p99),
+                        then the prefix cache's TTFT (500-token prefix + 20-token question);
+                        for an embedding model: 8 callers x 4 sentences vs one caller x 32
   -h, --help            this message
 ";
 
@@ -26,6 +30,7 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     let mut registry = DEFAULT_REGISTRY.to_string();
     let (mut prompt_tokens, mut gen_tokens) = (128usize, 64usize);
     let mut threads: Option<usize> = None;
+    let mut concurrency: Option<Vec<usize>> = None;
     while let Some(arg) = p.next_arg() {
         match arg {
             Arg::Positional(a) => return Err(p.usage_error(format!("unexpected argument '{a}'"))),
@@ -36,6 +41,18 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
                 "--prompt-tokens" => prompt_tokens = p.parsed(&f, v, "a whole number")?,
                 "--gen-tokens" => gen_tokens = p.parsed(&f, v, "a whole number")?,
                 "--threads" => threads = Some(p.parsed(&f, v, "a whole number")?),
+                "--concurrency" => {
+                    let list = p.value(&f, v)?;
+                    let levels: Option<Vec<usize>> = list
+                        .split(',')
+                        .map(|x| x.trim().parse().ok().filter(|&n: &usize| n > 0))
+                        .collect();
+                    concurrency = Some(levels.ok_or_else(|| {
+                        p.usage_error(format!(
+                            "--concurrency {list}: need positive numbers, e.g. 1,2,4,8"
+                        ))
+                    })?);
+                }
                 _ => return Err(p.unknown(&f)),
             },
         }
@@ -51,6 +68,20 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
     }
 
     let registry = Path::new(&registry);
+    if let (Some(_), false) = (&concurrency, registry.join("llama").join(&model).is_dir()) {
+        use spinfer::internals::bench_concurrency as bc;
+        let (many, one) = bc::bench_embed_concurrency(registry, &model, 8, 4, 10)?;
+        println!("model: {model} (embeddings): 8 concurrent callers x 4 sentences: {many:.1} sentences/s; one caller x 32: {one:.1} sentences/s");
+        return Ok(());
+    }
+    if let Some(levels) = concurrency {
+        use spinfer::internals::bench_concurrency as bc;
+        let table = bc::bench_concurrency(registry, &model, &levels, prompt_tokens, gen_tokens)?;
+        let prefix = bc::bench_prefix_ttft(registry, &model, 500, 20, 3)?;
+        println!("model: {model}; prompts of {prompt_tokens} tokens, {gen_tokens} generated per stream (greedy)");
+        print!("{}", bc::format_concurrency(&table, Some(&prefix)));
+        return Ok(());
+    }
     let llama_dir = registry.join("llama").join(&model);
     let embed_dir = registry.join(&model);
     // The model runs first so its peak RSS is not inflated by the probe's buffer.

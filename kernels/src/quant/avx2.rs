@@ -145,9 +145,7 @@ unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     blocks::<_, _, false>(x, y, |x, y| {
-        // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
-        let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let qx = q5_0_values(x);
         (h2f(x.d) * h2f(y.d), i8s(qx, load(y.qs.as_ptr() as _)), 0.0)
     })
 }
@@ -165,8 +163,7 @@ unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     blocks::<_, _, true>(x, y, |x, y| {
-        let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
-        let qx = _mm256_or_si256(nibbles(&x.qs), hi);
+        let qx = q5_1_values(x);
         (
             h2f(x.d) * h2f(y.d),
             us8(qx, load(y.qs.as_ptr() as _)),
@@ -423,6 +420,15 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
         (Weights::Q4_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
             dot4_q4_0(w, [a, b, c, d])
         }
+        (Weights::Q5_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
+            dot4_q5_0(w, [a, b, c, d])
+        }
+        (Weights::Q4_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
+            dot4_q4_1(w, [a, b, c, d])
+        }
+        (Weights::Q5_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
+            dot4_q5_1(w, [a, b, c, d])
+        }
         _ => a.map(|a| vec_dot(w, a)),
     }
 }
@@ -448,6 +454,182 @@ unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
             h2f(x.d),
         )
     })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_0(x: &[BlockQ5_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    legacy_n(x, ys, |x| (q5_0_values(x), h2f(x.d)))
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_1(x: &[BlockQ4_1], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    legacy1_n(x, ys, |x| nibbles(&x.qs))
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_1(x: &[BlockQ5_1], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    legacy1_n(x, ys, |x| q5_1_values(x))
+}
+
+/// A Q5_0 block's 32 values q - 16 as signed bytes.
+#[inline(always)]
+unsafe fn q5_0_values(x: &BlockQ5_0) -> __m256i {
+    // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
+    let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+    _mm256_or_si256(nibbles(&x.qs), hi)
+}
+
+/// A Q5_1 block's 32 values q (0..=31) as bytes.
+#[inline(always)]
+unsafe fn q5_1_values(x: &BlockQ5_1) -> __m256i {
+    let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(&x.qs), hi)
+}
+
+// `h2f_pair` reads these pairs as one u32.
+const _: () = assert!(core::mem::offset_of!(BlockQ4_1, m) == 2);
+const _: () = assert!(core::mem::offset_of!(BlockQ5_1, m) == 2);
+const _: () = assert!(core::mem::offset_of!(BlockQ8_1, s) == 2);
+
+/// The two f16 that open a block (`d`, `m` of Q4_1 / Q5_1; `d`, `s` of Q8_1) as
+/// [d, m, 0, 0].
+///
+/// # Safety
+/// `B` must begin with two `f16` fields (all blocks passed here are `repr(C)`, ≥ 4 bytes).
+#[inline(always)]
+unsafe fn h2f_pair<B>(b: &B) -> __m128 {
+    // SAFETY: the four bytes lie in `*b` (see above); unaligned read, any bits are valid.
+    let bits = (b as *const B as *const i32).read_unaligned();
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
+}
+
+/// One Q4_1 / Q5_1 row (`B` is one of the two; `unpack` gives a block's 32 values q ≥ 0 as
+/// bytes) against `N` tokens' Q8_1 activations: Σ d·dy·Σq·qy + m·s per
+/// block, each weight block unpacked once. Scales are widened two at a time ([d, m] × [dy, s]
+/// in one multiply).
+#[inline(always)]
+unsafe fn legacy1_n<B, const N: usize>(
+    x: &[B],
+    ys: [&[BlockQ8_1]; N],
+    unpack: impl Fn(&B) -> __m256i,
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut accm = [_mm_setzero_ps(); N];
+    for (i, x) in x.iter().enumerate() {
+        let qx = unpack(x);
+        let dm = h2f_pair(x);
+        for t in 0..N {
+            let y = &ys[t][i];
+            let p = us8(qx, load(y.qs.as_ptr() as _));
+            // [d·dy, m·s, 0, 0]
+            let s = _mm_mul_ps(dm, h2f_pair(y));
+            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), _mm256_cvtepi32_ps(p), acc[t]);
+            accm[t] = _mm_add_ps(accm[t], s);
+        }
+    }
+    std::array::from_fn(|t| {
+        let m = _mm_cvtss_f32(_mm_shuffle_ps::<1>(accm[t], accm[t]));
+        hsum(acc[t]) + m
+    })
+}
+
+/// `y[r]` = row `r` of `w` (rows of `a.len()` values) dotted with `a`: decode's matvec
+/// rows, the formats matched once for all of them.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
+    assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
+    macro_rules! go {
+        ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
+            let bpr = $a.len();
+            if bpr > 0 {
+                for (y, w) in $y.iter_mut().zip($w.chunks_exact(bpr)) {
+                    *y = $dot(w, $a);
+                }
+            } else {
+                $y.fill(0.0);
+            }
+        }};
+    }
+    match (w, a) {
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q8_0),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q4_0),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q5_0),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q4_1),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q5_1),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q4_k),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q5_k),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q6_k),
+        _ => panic!(
+            "matvec_rows: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        ),
+    }
+}
+
+/// `out` (n, rows) = `a` (n tokens) × the rows of `w`: the prefill matmul's tile, four tokens
+/// at a time through the `dot4` bodies (each weight block unpacked once for the four; the
+/// tile's rows stay in L1 across the token groups), the last n mod 4 one at a time.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mut [f32]) {
+    assert!(
+        n > 0 && a.len().is_multiple_of(n),
+        "matmul_tile: acts are not n rows"
+    );
+    let k = a.len() / n;
+    assert!(
+        k > 0 && w.len().is_multiple_of(k) && out.len() == n * (w.len() / k),
+        "matmul_tile: shapes"
+    );
+    macro_rules! go {
+        ($w:expr, $a:expr, $one:ident, $four:ident) => {{
+            let bpr = $a.len() / n;
+            let rows = $w.len() / bpr;
+            let at = |t: usize| &$a[t * bpr..(t + 1) * bpr];
+            let mut t = 0;
+            while t + 4 <= n {
+                let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+                for (r, w) in $w.chunks_exact(bpr).enumerate() {
+                    let v = $four(w, ys);
+                    for i in 0..4 {
+                        out[(t + i) * rows + r] = v[i];
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n {
+                let y = at(t);
+                for (r, w) in $w.chunks_exact(bpr).enumerate() {
+                    out[t * rows + r] = $one(w, y);
+                }
+            }
+        }};
+    }
+    match (w, a) {
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q8_0, dot4_q8_0),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q4_0, dot4_q4_0),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q5_0, dot4_q5_0),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q4_1, dot4_q4_1),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q5_1, dot4_q5_1),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k, dot4_q4_k),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k, dot4_q5_k),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k, dot4_q6_k),
+        _ => panic!(
+            "matmul_tile: {} weights with {:?} activations",
+            w.format().name(),
+            a.format()
+        ),
+    }
+}
+
+/// Q5_K has no four-token body yet: four single-token dots.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    ys.map(|y| dot_q5_k(x, y))
 }
 
 // ---------------------------------------------------------------- activation quantizers

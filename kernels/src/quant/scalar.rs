@@ -300,6 +300,32 @@ pub fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
     a.map(|a| vec_dot(w, a))
 }
 
+/// `y[r]` = row `r` of `w` (rows of `a.len()` values) · `a`, by [`vec_dot`].
+pub fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
+    let k = a.len();
+    assert_eq!(w.len(), k * y.len(), "matvec_rows: shapes");
+    for (r, y) in y.iter_mut().enumerate() {
+        *y = vec_dot(w.row(r, k), a);
+    }
+}
+
+/// `out` (n, rows) = `a` (n tokens of k values) × the rows of `w`, by [`vec_dot`].
+pub fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mut [f32]) {
+    assert!(
+        n > 0 && a.len().is_multiple_of(n),
+        "matmul_tile: acts are not n rows"
+    );
+    let k = a.len() / n;
+    let rows = out.len() / n;
+    assert_eq!(w.len(), rows * k, "matmul_tile: shapes");
+    for t in 0..n {
+        let at = a.slice(t * k, (t + 1) * k);
+        for r in 0..rows {
+            out[t * rows + r] = vec_dot(w.row(r, k), at);
+        }
+    }
+}
+
 fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let mut sumf = 0f32;
     for (x, y) in x.iter().zip(y) {

@@ -102,4 +102,6 @@ crate::simd::tier_table!(TABLE {
     // SAFETY: this table is only handed out where the CPU has AVX2, FMA and F16C.
     quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
     quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+    quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
+    quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
 });

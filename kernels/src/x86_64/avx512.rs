@@ -110,6 +110,8 @@ mod plain {
         // `Isa::is_available`), FMA and F16C. No AVX-512 VNNI body: it could not be run here.
         quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
         quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+        quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
+        quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
     });
 }
 
@@ -129,6 +131,8 @@ mod with_bf16 {
         // SAFETY: as in the table above.
         quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
         quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
+        quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
+        quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
     });
 }
 
