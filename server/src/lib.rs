@@ -90,9 +90,9 @@ pub struct State {
 
 impl State {
     pub fn new(cfg: Config) -> Arc<State> {
-        // ENGINE OPTIONS: when the batching engine lands, build it here with
-        // `Engine::with_options(&cfg.registry, EngineOptions { kv budget, queue limit, .. })`;
-        // its `Cause::Overloaded` errors already map to 503 + Retry-After (http.rs).
+        // ENGINE OPTIONS: the batching engine's defaults (KV budget, queue, batch size); to
+        // expose them, build it with `Engine::with_options(&cfg.registry, EngineOptions {..})`.
+        // Its `Cause::Overloaded` errors map to 503 + Retry-After (http.rs).
         let engine = Arc::new(Engine::new(&cfg.registry));
         Arc::new(State {
             engine,

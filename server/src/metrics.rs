@@ -120,18 +120,38 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
-        // ENGINE STATS: when the batching engine lands, report `Engine::stats()`'s queued and
-        // active counts here (beside or instead of the server's own).
+        // The server's own queue and calls, and the batching engine's view beneath them.
+        let engine = state.engine.stats();
         let gauges = [
             (
                 "spinfer_queue_depth",
-                "Requests waiting for an engine slot.",
-                state.queued.load(Ordering::SeqCst),
+                "Requests waiting: for a server slot, or in the engine's queue.",
+                state.queued.load(Ordering::SeqCst) + engine.queued,
             ),
             (
                 "spinfer_active_sequences",
                 "Engine calls (generations, embeddings) running now.",
                 self.active.load(Ordering::SeqCst),
+            ),
+            (
+                "spinfer_engine_queued",
+                "Requests in the engine's queue (waiting for a batch slot or KV memory).",
+                engine.queued,
+            ),
+            (
+                "spinfer_engine_active_sequences",
+                "Sequences the engine is prefilling or decoding.",
+                engine.active,
+            ),
+            (
+                "spinfer_kv_bytes_used",
+                "KV-cache bytes held by sequences in flight and the prefix cache.",
+                engine.kv_bytes_used,
+            ),
+            (
+                "spinfer_kv_budget_bytes",
+                "The engine's KV-cache byte budget.",
+                engine.kv_budget_bytes,
             ),
             (
                 "spinfer_ready",
