@@ -63,7 +63,7 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 #    forward passes take many CPU minutes emulated; they run natively (gnu and x86_64-musl), and
 #    on aarch64 the same code paths are covered by the tiny-BERT and tiny GGUF references and
 #    the kernel tiers against the scalar oracle;
-#  - test files that spawn the spinfer binary (tests/cli.rs, tests/bench_cli.rs), unless
+#  - test files that spawn the spinfer binary (cli/tests/*.rs), unless
 #    binfmt_misc routes aarch64 ELF files to qemu (often absent in containers); the aarch64 CLI
 #    itself is checked below.
 step "aarch64-musl: build the workspace tests, run them under qemu-aarch64-static"
@@ -77,7 +77,7 @@ mapfile -t A64_TESTS < <(grep -o '"executable":"[^"]*/deps/[^"]*"' <<<"$build_js
 # ELF files to qemu by itself.
 SPAWNERS=" "
 if ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
-    for f in $(grep -l CARGO_BIN_EXE tests/*.rs kernels/tests/*.rs 2>/dev/null); do
+    for f in $(grep -l CARGO_BIN_EXE tests/*.rs kernels/tests/*.rs cli/tests/*.rs 2>/dev/null); do
         SPAWNERS+="$(basename "$f" .rs) "
     done
 fi
@@ -109,8 +109,8 @@ qemu-aarch64-static -L /usr/aarch64-linux-gnu "$TGT/$A64G/debug/spinfer" --help 
 
 # ---------------------------------------------------------------------------------------------
 step "static release CLIs for x86_64-musl and aarch64-musl"
-cargo build --release --target "$X64M" --bin spinfer
-cargo build --release --target "$A64M" --bin spinfer
+cargo build --release --target "$X64M" -p spinfer-cli --bin spinfer
+cargo build --release --target "$A64M" -p spinfer-cli --bin spinfer
 X64_BIN=$TGT/$X64M/release/spinfer
 A64_BIN=$TGT/$A64M/release/spinfer
 ls -l "$X64_BIN" "$A64_BIN"

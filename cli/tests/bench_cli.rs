@@ -7,7 +7,7 @@ fn bench(args: &[&str]) -> (bool, String, String) {
         .arg("bench")
         .args([
             "--registry",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/registry"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/registry"),
         ])
         .args(args)
         .output()

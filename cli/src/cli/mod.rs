@@ -1,9 +1,10 @@
 //! The `spinfer` command line: hand-written argument parsing and one function per subcommand
-//! (`infer`, `embed`; `bench` goes beside them as `bench.rs` with a line in [`run`]).
+//! (`infer`, `embed`, `bench`, `serve`; a new one goes beside them with a line in [`run`]).
 
 mod bench;
 mod embed;
 mod infer;
+mod serve;
 
 use std::fmt::Display;
 use std::str::FromStr;
@@ -16,9 +17,10 @@ Usage:
   spinfer chat --model NAME [options]               a conversation through the model's chat template
   spinfer embed --model NAME [options] [--] TEXT... embed texts (one per stdin line if absent)
   spinfer bench --model NAME [options]              speed beside the machine's measured limits
+  spinfer serve --registry DIR [options]            Spin's remote protocol and the OpenAI API over HTTP
   spinfer help | --help                             this message
 
-Run `spinfer infer --help`, `spinfer embed --help` or `spinfer bench --help` for the options.
+Run `spinfer <command> --help` for a command's options.
 ";
 
 /// Registry used when `--registry` is not given: Spin's location under the current directory.
@@ -36,6 +38,7 @@ pub fn run(args: Vec<String>) -> i32 {
         "chat" => infer::run_chat(rest),
         "embed" => embed::run(rest),
         "bench" => bench::run(rest),
+        "serve" => serve::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             return 0;
