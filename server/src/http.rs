@@ -164,7 +164,8 @@ impl Failure {
 
 impl From<spinfer::Error> for Failure {
     /// The engine's Spin error: `invalid-input` is the caller's fault (400; an unknown model
-    /// 404), `model-not-supported` 400, a `runtime-error` 500 unless it is an overload (503).
+    /// 404), `model-not-supported` 400, a `runtime-error` 500 unless it is an overload (503)
+    /// or can never fit (400).
     fn from(e: spinfer::Error) -> Failure {
         use spinfer::{Cause, Error};
         match &e {
@@ -181,6 +182,12 @@ impl From<spinfer::Error> for Failure {
             .with_openai("invalid_request_error", "model_not_supported"),
             Error::RuntimeError(r) if r.cause == Cause::Overloaded => {
                 Failure::overloaded(r.message.clone())
+            }
+            // Never fits the engine's KV budget: the caller must ask for less (retrying is
+            // useless), so a 400, still with Spin's variant.
+            Error::RuntimeError(r) if r.cause == Cause::TooLarge => {
+                Failure::new(StatusCode::BAD_REQUEST, "runtime-error", r.message.clone())
+                    .with_openai("invalid_request_error", "request_too_large")
             }
             Error::RuntimeError(r) => Failure::internal(r.message.clone()),
         }

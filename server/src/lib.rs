@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use spinfer::Engine;
+use spinfer::{Engine, EngineOptions};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,6 +57,8 @@ pub struct Config {
     pub max_active: usize,
     /// Calls waiting for a slot; past it the server answers 503 with `Retry-After`.
     pub max_queue: usize,
+    /// The engine's batching and memory limits (KV budget, its own queue, batch size).
+    pub engine: EngineOptions,
 }
 
 impl Config {
@@ -71,8 +73,10 @@ impl Config {
             header_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
-            max_active: 8,
+            // As many as the engine batches together, so the batch can fill.
+            max_active: EngineOptions::default().max_batch_sequences,
             max_queue: 64,
+            engine: EngineOptions::default(),
         }
     }
 }
@@ -90,10 +94,8 @@ pub struct State {
 
 impl State {
     pub fn new(cfg: Config) -> Arc<State> {
-        // ENGINE OPTIONS: the batching engine's defaults (KV budget, queue, batch size); to
-        // expose them, build it with `Engine::with_options(&cfg.registry, EngineOptions {..})`.
-        // Its `Cause::Overloaded` errors map to 503 + Retry-After (http.rs).
-        let engine = Arc::new(Engine::new(&cfg.registry));
+        // The engine's `Cause::Overloaded` errors map to 503 + Retry-After (http.rs).
+        let engine = Arc::new(Engine::with_options(&cfg.registry, cfg.engine.clone()));
         Arc::new(State {
             engine,
             limiter: Arc::new(tokio::sync::Semaphore::new(cfg.max_active.max(1))),

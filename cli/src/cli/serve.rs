@@ -24,8 +24,13 @@ Options:
   --request-timeout SECS    cancel a generation after this long [default: 600]
   --header-timeout SECS     time to send a request's head and body [default: 30]
   --shutdown-grace SECS     time in-flight requests get after SIGTERM [default: 30]
-  --max-active N            engine calls running at once [default: 8]
+  --max-active N            engine calls running at once [default: 16]
   --max-queue N             calls waiting beyond those; more get 503 + Retry-After [default: 64]
+  --kv-budget-bytes N       KV cache memory for all sequences and the prefix cache
+                            [default: half of the memory available at start]
+  --max-batch N             most sequences decoding together per model [default: 16]
+  --prefill-chunk N         most prompt tokens a step prefills beside running decodes [default: 128]
+  --no-prefix-cache         do not keep recent prompts' KV for reuse
   -h, --help                this message
 ";
 
@@ -66,6 +71,19 @@ pub fn run(args: Vec<String>) -> Result<(), Failure> {
                 }
                 "--max-active" => cfg.max_active = p.parsed(&f, v, "a whole number")?,
                 "--max-queue" => cfg.max_queue = p.parsed(&f, v, "a whole number")?,
+                "--kv-budget-bytes" => {
+                    cfg.engine.kv_budget_bytes = p.parsed(&f, v, "a whole number of bytes")?
+                }
+                "--max-batch" => {
+                    cfg.engine.max_batch_sequences = p.parsed(&f, v, "a whole number")?
+                }
+                "--prefill-chunk" => {
+                    cfg.engine.prefill_chunk = p.parsed(&f, v, "a whole number")?
+                }
+                "--no-prefix-cache" => {
+                    p.no_flag_value(&f, &v)?;
+                    cfg.engine.prefix_cache = false;
+                }
                 _ => return Err(p.unknown(&f)),
             },
         }
