@@ -7,6 +7,7 @@ use crate::SpinLlm;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use http_body_util::{BodyExt, Full};
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -109,10 +110,7 @@ impl Host {
 
     /// Runs one request through a fresh instance; the response body is read in full. An error
     /// means the guest trapped or produced no response (the host goes on serving).
-    pub async fn handle(
-        &self,
-        req: http::Request<Bytes>,
-    ) -> anyhow::Result<http::Response<Bytes>> {
+    pub async fn handle(&self, req: http::Request<Bytes>) -> anyhow::Result<http::Response<Bytes>> {
         let state = State {
             // stderr is inherited so that a guest's panic message shows in the host's log.
             wasi: WasiCtx::builder().inherit_stderr().build(),
@@ -123,32 +121,31 @@ impl Host {
         };
         let mut store = Store::new(&self.engine, state);
         let proxy = self.pre.instantiate_async(&mut store).await?;
-        let req = req.map(|b| {
-            Full::new(b)
-                .map_err(|never| match never {})
-                .boxed_unsync()
-        });
+        let req = req.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
         let (tx, rx) = oneshot::channel();
         let view: fn(&mut State) -> WasiHttpCtxView<'_> = <State as WasiHttpView>::http;
         let proxy = &proxy;
         let response = store
-            .run_concurrent(async move |accessor: &wasmtime::component::Accessor<State>| {
-                let prepared = accessor
-                    .with(|mut s| Prepared::new(s.as_context_mut(), proxy, req, view, tx))?;
-                // The body is read while the guest runs: it may still be writing it.
-                let read = async {
-                    let response = rx
-                        .await
-                        .map_err(|_| wasmtime::format_err!("the guest produced no response"))??;
-                    let (parts, body) = response.into_parts();
-                    let body = body.collect().await?.to_bytes();
-                    wasmtime::Result::<_>::Ok(http::Response::from_parts(parts, body))
-                };
-                let (ran, response) =
-                    futures::join!(prepared.run(accessor, std::future::pending()), read);
-                ran?;
-                response
-            })
+            .run_concurrent(
+                async move |accessor: &wasmtime::component::Accessor<State>| {
+                    let prepared = accessor
+                        .with(|mut s| Prepared::new(s.as_context_mut(), proxy, req, view, tx))?;
+                    // The body is read while the guest runs: it may still be writing it.
+                    let read = async {
+                        let response = rx.await.map_err(|_| {
+                            wasmtime::format_err!("the guest produced no response")
+                        })??;
+                        let (parts, body) = response.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        wasmtime::Result::<_>::Ok(http::Response::from_parts(parts, body))
+                    };
+                    let (ran, response) =
+                        futures::future::join(prepared.run(accessor, std::future::pending()), read)
+                            .await;
+                    ran?;
+                    response
+                },
+            )
             .await;
         Ok(response.and_then(|r| r)?)
     }
@@ -161,23 +158,26 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> anyhow
         let (stream, _) = listener.accept().await?;
         let host = Arc::clone(&host);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let host = Arc::clone(&host);
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body.collect().await?.to_bytes();
-                    let response = match host.handle(http::Request::from_parts(parts, body)).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            eprintln!("spinfer-host: request failed: {e:#}");
-                            let mut r = http::Response::new(Bytes::from(format!("{e:#}\n")));
-                            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                            r
-                        }
-                    };
-                    Ok::<_, hyper::Error>(response.map(Full::new))
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let host = Arc::clone(&host);
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let response =
+                            match host.handle(http::Request::from_parts(parts, body)).await {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    eprintln!("spinfer-host: request failed: {e:#}");
+                                    let mut r =
+                                        http::Response::new(Bytes::from(format!("{e:#}\n")));
+                                    *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                                    r
+                                }
+                            };
+                        Ok::<_, hyper::Error>(response.map(Full::new))
+                    }
+                });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)

@@ -31,7 +31,8 @@ fn parse() -> anyhow::Result<Args> {
         (None, Vec::new(), None, None, None);
     let mut max_result_bytes = spinfer_wasmtime::DEFAULT_MAX_RESULT_BYTES;
     let value = |it: &mut dyn Iterator<Item = String>, flag: &str| {
-        it.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        it.next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))
     };
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -47,7 +48,9 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--max-result-bytes" => {
                 let v = value(&mut it, &a)?;
-                max_result_bytes = v.parse().with_context(|| format!("--max-result-bytes {v}"))?;
+                max_result_bytes = v
+                    .parse()
+                    .with_context(|| format!("--max-result-bytes {v}"))?;
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -107,7 +110,11 @@ async fn run() -> anyhow::Result<()> {
     eprintln!(
         "spinfer-host: serving {} ({}) on http://{}",
         args.wasm.display(),
-        if host.is_p3() { "wasi:http/handler@0.3" } else { "wasi:http/incoming-handler@0.2" },
+        if host.is_p3() {
+            "wasi:http/handler@0.3"
+        } else {
+            "wasi:http/incoming-handler@0.2"
+        },
         listener.local_addr()?
     );
     serve(host, listener).await

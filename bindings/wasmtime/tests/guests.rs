@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The guests' defaults (tests/guests/common.rs).
 const LLAMA: &str = "tiny-llama";
 const PROMPT: &str = "Once upon a time";
-const TEXTS: [&str; 2] = ["The cat sits on the mat.", "A Spin component calls spinfer."];
+const TEXTS: [&str; 2] = [
+    "The cat sits on the mat.",
+    "A Spin component calls spinfer.",
+];
 const MINILM: &str = "all-minilm-l6-v2";
 /// `/greedy`'s parameters (tests/guests/common.rs): temperature 0, so the output is
 /// deterministic (the WIT path otherwise samples with a fresh seed, as Spin does).
@@ -88,7 +91,13 @@ fn guest(name: &str) -> PathBuf {
     let manifest = root.join(format!("bindings/wasmtime/tests/guests/{name}/Cargo.toml"));
     let target_dir = root.join("target/guests");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--locked", "--release", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--manifest-path")
         .arg(&manifest)
         .arg("--target-dir")
@@ -100,9 +109,7 @@ fn guest(name: &str) -> PathBuf {
         .status()
         .expect("cargo runs");
     assert!(status.success(), "building {} failed", manifest.display());
-    let wasm = target_dir.join(format!(
-        "wasm32-wasip2/release/spinfer_guest_{name}.wasm"
-    ));
+    let wasm = target_dir.join(format!("wasm32-wasip2/release/spinfer_guest_{name}.wasm"));
     assert!(wasm.is_file(), "{} was not built", wasm.display());
     built.push((name.to_string(), wasm.clone()));
     wasm
@@ -148,7 +155,12 @@ fn expected_error(e: spinfer::Error) -> String {
 
 fn expected_embeddings(r: spinfer::EmbeddingsResult) -> String {
     let dims = r.embeddings.first().map_or(0, Vec::len);
-    let mut out = format!("ok {} {}x{}", r.usage.prompt_token_count, r.embeddings.len(), dims);
+    let mut out = format!(
+        "ok {} {}x{}",
+        r.usage.prompt_token_count,
+        r.embeddings.len(),
+        dims
+    );
     for v in &r.embeddings {
         // `{:?}` prints the shortest string that reads back as the same f32, in the guest as
         // here: equal strings mean bit-equal vectors.
@@ -171,13 +183,24 @@ async fn check_guest(name: &str) {
     assert_eq!(ok(&host, "/greedy").await, want, "{name} /greedy");
     // The query reaches the guest (another prompt, percent-encoded).
     let want = expected_text(direct.infer_with_options(LLAMA, "Hello, world", GREEDY));
-    assert_eq!(ok(&host, "/greedy?prompt=Hello%2C+world").await, want, "{name} /greedy?prompt");
+    assert_eq!(
+        ok(&host, "/greedy?prompt=Hello%2C+world").await,
+        want,
+        "{name} /greedy?prompt"
+    );
 
     // No params: Spin's defaults, sampled with a fresh seed, so only the usage is comparable:
     // the same prompt tokens, and at most max-tokens' default of 100 generated.
     let body = ok(&host, "/infer").await;
     let direct_prompt = direct
-        .infer_with_options(LLAMA, PROMPT, InferencingParams { max_tokens: 0, ..GREEDY })
+        .infer_with_options(
+            LLAMA,
+            PROMPT,
+            InferencingParams {
+                max_tokens: 0,
+                ..GREEDY
+            },
+        )
         .unwrap()
         .usage
         .prompt_token_count;
@@ -189,11 +212,18 @@ async fn check_guest(name: &str) {
         .map(|n| n.parse().unwrap())
         .collect();
     assert_eq!(counts[0], direct_prompt, "{name} /infer prompt tokens");
-    assert!((1..=100).contains(&counts[1]), "{name} /infer generated {}", counts[1]);
+    assert!(
+        (1..=100).contains(&counts[1]),
+        "{name} /infer generated {}",
+        counts[1]
+    );
 
     // Embeddings on the real all-MiniLM-L6-v2: bit-equal vectors and the same usage.
     let want = expected_embeddings(direct.generate_embeddings(MINILM, &TEXTS).unwrap());
-    assert!(want.starts_with("ok ") && want.contains(" 2x384\n"), "{want}");
+    assert!(
+        want.starts_with("ok ") && want.contains(" 2x384\n"),
+        "{want}"
+    );
     assert_eq!(ok(&host, "/embed").await, want, "{name} /embed");
 
     // A model outside ai_models: Spin's sentence, word for word (contract §3).
@@ -209,7 +239,10 @@ async fn check_guest(name: &str) {
         ok(&host, "/unknown").await,
         "err invalid-input: no model directory found in registry for model 'no-such-model'"
     );
-    assert_eq!(ok(&host, "/unknown-embedding").await, "err model-not-supported");
+    assert_eq!(
+        ok(&host, "/unknown-embedding").await,
+        "err model-not-supported"
+    );
     // A bad parameter: the library's invalid-input message.
     let bad = InferencingParams {
         top_p: -0.5,
@@ -222,7 +255,10 @@ async fn check_guest(name: &str) {
     // A trap fails its own request only: the same host answers the next one.
     let trapped = get(&host, "/trap").await;
     assert!(trapped.is_err(), "{name} /trap: {trapped:?}");
-    assert!(ok(&host, "/greedy").await.starts_with("ok "), "{name} after a trap");
+    assert!(
+        ok(&host, "/greedy").await.starts_with("ok "),
+        "{name} after a trap"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,7 +274,11 @@ async fn spin_sdk5_p2_guest() {
 /// One raw HTTP/1.1 request over TCP (no client crate): status and body.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
@@ -254,11 +294,10 @@ async fn server_survives_a_trapping_guest() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(host, listener));
     let want = expected_text(Engine::new(registry()).infer_with_options(LLAMA, PROMPT, GREEDY));
-    let (trap, (status, body)) = tokio::task::spawn_blocking(move || {
-        (http_get(addr, "/trap"), http_get(addr, "/greedy"))
-    })
-    .await
-    .unwrap();
+    let (trap, (status, body)) =
+        tokio::task::spawn_blocking(move || (http_get(addr, "/trap"), http_get(addr, "/greedy")))
+            .await
+            .unwrap();
     assert_eq!(trap.0, 500, "{}", trap.1);
     assert_eq!((status, body), (200, want));
 }
@@ -270,11 +309,21 @@ fn cli_request_prints_the_response() {
     let out = Command::new(env!("CARGO_BIN_EXE_spinfer-host"))
         .arg("--registry")
         .arg(registry())
-        .args(["--ai-models", &AI_MODELS.join(","), "--request", "GET", "/greedy"])
+        .args([
+            "--ai-models",
+            &AI_MODELS.join(","),
+            "--request",
+            "GET",
+            "/greedy",
+        ])
         .arg(&wasm)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = expected_text(Engine::new(registry()).infer_with_options(LLAMA, PROMPT, GREEDY));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
 }
@@ -295,6 +344,9 @@ async fn result_limit_is_a_runtime_error() {
         refused.map_err(expected_error),
         Err("err runtime-error: the result (3072 bytes) is larger than the host's limit of 3071 bytes".to_string())
     );
-    let fits = llm.with_max_result_bytes(3072).generate_embeddings(MINILM.into(), texts).await;
+    let fits = llm
+        .with_max_result_bytes(3072)
+        .generate_embeddings(MINILM.into(), texts)
+        .await;
     assert_eq!(fits.unwrap().embeddings.len(), 2);
 }

@@ -7,6 +7,10 @@ include!("../../common.rs");
 
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
     route(&pq)
 }
