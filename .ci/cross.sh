@@ -67,7 +67,8 @@ cargo tree -e normal -p spinfer --prefix none | sed 's/ (\*)$//' | sort -u | wc 
 #    forward passes take many CPU minutes emulated; they run natively (gnu and x86_64-musl), and
 #    on aarch64 the same code paths are covered by the tiny-BERT and tiny GGUF references and
 #    the kernel tiers against the scalar oracle;
-#  - test files that spawn the spinfer binary (cli/tests/*.rs), unless
+#  - test files that spawn the spinfer binary (cli/tests/*.rs) or themselves
+#    (std::env::current_exe, e.g. kernels/tests/policy.rs's per-process env checks), unless
 #    binfmt_misc routes aarch64 ELF files to qemu (often absent in containers); the aarch64 CLI
 #    itself is checked below.
 step "aarch64-musl: build the workspace tests, run them under qemu-aarch64-static"
@@ -83,14 +84,14 @@ mapfile -t A64_TESTS < <(grep -o '"executable":"[^"]*/deps/[^"]*"' <<<"$build_js
 # ELF files to qemu by itself.
 SPAWNERS=" "
 if ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
-    for f in $(grep -l CARGO_BIN_EXE tests/*.rs kernels/tests/*.rs cli/tests/*.rs 2>/dev/null); do
+    for f in $(grep -lE 'CARGO_BIN_EXE|current_exe\(\)' tests/*.rs kernels/tests/*.rs cli/tests/*.rs 2>/dev/null); do
         SPAWNERS+="$(basename "$f" .rs) "
     done
 fi
 for t in "${A64_TESTS[@]}"; do
     name=$(basename "$t")
     if [[ "$SPAWNERS" == *" ${name%-*} "* ]]; then
-        echo "--- skip $t under qemu (spawns the aarch64 CLI, no binfmt_misc; see above)"
+        echo "--- skip $t under qemu (spawns an aarch64 binary, no binfmt_misc; see above)"
         continue
     fi
     if [[ "$name" == smollm2-* ]]; then
