@@ -43,6 +43,55 @@ impl CausalLm for LlamaModel {
     }
 }
 
+/// The prompt rules of contract §4, shared by the lone loop and the batch scheduler's callers:
+/// something to generate from, and room in the context after the prompt.
+pub(crate) fn check_prompt(n_prompt: usize, ctx: usize, model_name: &str) -> Result<()> {
+    if n_prompt == 0 {
+        return Err(Error::invalid(
+            "the prompt is empty and this model's tokenizer adds no start token, so there is nothing to generate from",
+        ));
+    }
+    if n_prompt >= ctx {
+        return Err(Error::invalid(format!(
+            "the prompt is {n_prompt} tokens long but model '{model_name}' has a context of {ctx} tokens; the prompt must be shorter than the context"
+        )));
+    }
+    Ok(())
+}
+
+/// `Some((max_new, capacity))`: tokens to generate at most, and the KV positions that needs.
+/// Prompt + generated never exceed the context; the last token sampled is never fed back, so
+/// the cache needs one position less than that total. `None` when nothing is to run
+/// (`max_tokens` 0, or cancelled before the start): see [`nothing_generated`].
+pub(crate) fn plan(
+    max_tokens: u32,
+    ctx: usize,
+    n_prompt: usize,
+    cancelled: bool,
+) -> Option<(usize, usize)> {
+    if max_tokens == 0 || cancelled {
+        return None;
+    }
+    let max_new = (max_tokens as usize).min(ctx - n_prompt);
+    Some((max_new, (n_prompt + max_new - 1).max(n_prompt)))
+}
+
+/// The result when [`plan`] says nothing runs: empty text, the prompt's count, and why.
+pub(crate) fn nothing_generated(max_tokens: u32, n_prompt: usize) -> Generation {
+    Generation {
+        text: String::new(),
+        usage: InferencingUsage {
+            prompt_token_count: n_prompt as u32,
+            generated_token_count: 0,
+        },
+        finish: if max_tokens == 0 {
+            FinishReason::Length
+        } else {
+            FinishReason::Cancelled
+        },
+    }
+}
+
 /// Receives text fragments as they are produced; `Break` stops the generation.
 pub(crate) type OnText<'a> = &'a mut dyn FnMut(&str) -> ControlFlow<()>;
 
@@ -64,37 +113,15 @@ pub(crate) fn generate_with<M: CausalLm>(
     let prompt_ids = m.encode(prompt)?;
     let ctx = m.context_len();
     let n_prompt = prompt_ids.len();
-    if n_prompt == 0 {
-        return Err(Error::invalid(
-            "the prompt is empty and this model's tokenizer adds no start token, so there is nothing to generate from",
-        ));
-    }
-    if n_prompt >= ctx {
-        return Err(Error::invalid(format!(
-            "the prompt is {n_prompt} tokens long but model '{model_name}' has a context of {ctx} tokens; the prompt must be shorter than the context"
-        )));
-    }
+    check_prompt(n_prompt, ctx, model_name)?;
     let usage = |generated: usize| InferencingUsage {
         prompt_token_count: n_prompt as u32,
         generated_token_count: generated as u32,
     };
-    let max_tokens = max_tokens as usize;
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    if max_tokens == 0 || cancelled() {
-        return Ok(Generation {
-            text: String::new(),
-            usage: usage(0),
-            finish: if max_tokens == 0 {
-                FinishReason::Length
-            } else {
-                FinishReason::Cancelled
-            },
-        });
-    }
-    // Prompt + generated never exceed the context; the last token sampled is never fed back,
-    // so the cache needs one position less than that total.
-    let max_new = max_tokens.min(ctx - n_prompt);
-    let capacity = (n_prompt + max_new - 1).max(n_prompt);
+    let Some((max_new, capacity)) = plan(max_tokens, ctx, n_prompt, cancelled()) else {
+        return Ok(nothing_generated(max_tokens, n_prompt));
+    };
     let mut state = m.new_state(capacity);
 
     // history = prompt + generated (the repeat penalty looks at both).

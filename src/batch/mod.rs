@@ -25,7 +25,7 @@ mod scheduler;
 
 pub(crate) use embed::EmbedBatcher;
 
-use crate::generate::Streamer;
+use crate::generate::{check_prompt, nothing_generated, plan, Streamer};
 use crate::llama::LlamaModel;
 use crate::sampler::Sampler;
 use crate::{Cause, Error, FinishReason, GenerateOptions, Generation, InferencingUsage, Result};
@@ -268,16 +268,7 @@ impl Batcher {
         let ids = m.encode(prompt)?;
         let ctx = m.context_len();
         let n_prompt = ids.len();
-        if n_prompt == 0 {
-            return Err(Error::invalid(
-                "the prompt is empty and this model's tokenizer adds no start token, so there is nothing to generate from",
-            ));
-        }
-        if n_prompt >= ctx {
-            return Err(Error::invalid(format!(
-                "the prompt is {n_prompt} tokens long but model '{model_name}' has a context of {ctx} tokens; the prompt must be shorter than the context"
-            )));
-        }
+        check_prompt(n_prompt, ctx, model_name)?;
         if let Some(t) = ids.iter().find(|&&t| t as usize >= m.vocab_size()) {
             return Err(Error::invalid(format!(
                 "token id {t} is outside the vocabulary of {} tokens",
@@ -288,22 +279,11 @@ impl Batcher {
             prompt_token_count: n_prompt as u32,
             generated_token_count: generated as u32,
         };
-        let max_tokens = o.params.max_tokens as usize;
         let user_cancel = || o.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-        if max_tokens == 0 || user_cancel() {
-            return Ok(Generation {
-                text: String::new(),
-                usage: usage(0),
-                finish: if max_tokens == 0 {
-                    FinishReason::Length
-                } else {
-                    FinishReason::Cancelled
-                },
-            });
-        }
-        // As the lone loop: the last token sampled is never fed back.
-        let max_new = max_tokens.min(ctx - n_prompt);
-        let capacity = (n_prompt + max_new - 1).max(n_prompt);
+        let max_tokens = o.params.max_tokens;
+        let Some((max_new, capacity)) = plan(max_tokens, ctx, n_prompt, user_cancel()) else {
+            return Ok(nothing_generated(max_tokens, n_prompt));
+        };
         let kv_bytes = m.kv_bytes(capacity);
         let limit = self.shared.budget.limit();
         if kv_bytes > limit {
