@@ -161,6 +161,24 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// A decode step of the batch scheduler: 8 sequences' tokens through a TinyLlama FFN matrix,
+/// where the weights are read once for all 8 (memory and FMA limits both near).
+fn matmul_batch(c: &mut Criterion) {
+    let k = kernels();
+    let (n, m, kk) = (8, 5632, 2048);
+    let mats = Mats::new(m * kk);
+    let x = values(n * kk, 5);
+    let mut y = vec![0f32; n * m];
+    let mut g = c.benchmark_group("matmul-batch");
+    g.throughput(Throughput::Elements((2 * n * m * kk) as u64));
+    for (name, w) in mats.get(m, kk) {
+        g.bench_function(BenchmarkId::new(name, format!("{n}x{m}x{kk}")), |b| {
+            b.iter(|| k.matmul(black_box(w), &x, n, &mut y))
+        });
+    }
+    g.finish();
+}
+
 fn print_limits() {
     let threads = rayon::current_num_threads();
     let k = kernels();
@@ -189,7 +207,7 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
-    targets = matvec, matmul
+    targets = matvec, matmul, matmul_batch
 }
 
 fn main() {

@@ -892,9 +892,10 @@ impl Kernels {
         };
         let Some(bf) = bf else {
             let tw = self.t.op_width;
-            // At least half a vector of tokens: outer products (a last group of ≤ one vector
-            // runs one-vector tiles); else dot tiles.
-            if tw > 0 && 2 * n >= self.isa.lanes() && k > 0 {
+            // More than one vector of tokens: outer products (a last group of ≤ one vector
+            // runs one-vector tiles); else dot products (`simd::matmul_few`: a decode batch
+            // whose tokens each get exactly their lone `matvec` sums).
+            if tw > 0 && n > self.isa.lanes() && k > 0 {
                 let go = |xp: &mut Vec<f32>| {
                     let len = n.div_ceil(tw) * k * tw;
                     xp.resize(len + 16, 0.0);

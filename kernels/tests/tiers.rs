@@ -295,6 +295,11 @@ fn matmul_awkward_shapes() {
         (97, 50, 300),
         (33, 12, 130),
         (80, 14, 2048),
+        // One group of ≤ one vector (a decode batch, `op_one`): 8-row tiles read in place (bf16
+        // two columns per step: odd k leaves one), a short last tile, rows split over threads.
+        (8, 203, 2049),
+        (5, 8, 1),
+        (4, 17, 2),
     ] {
         check_matmul(&mut rng, n, m, k);
     }
