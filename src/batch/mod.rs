@@ -13,6 +13,12 @@
 //!   admitted prompt) through one pass over the weights, with attention per sequence against
 //!   its own cache (`Forward::step`); a step of one sequence alone takes the lone path, so a
 //!   request that runs alone computes exactly what it did before batching.
+//! - Prompt chunks beside running decodes are sized by measured step costs (`scheduler`'s
+//!   `Pace`), so a step that prefills takes at most about twice a pure decode step.
+//! - Batch invariance: block-format (GGUF) weights give a token bit-identical results in any
+//!   batch (the quantized kernels run the same arithmetic per token for any token count);
+//!   float weights agree within f32 summation order, since one, two to three, and more tokens
+//!   take different kernel tiles (`tests/batch.rs` states the bound).
 //! - Memory: every sequence's KV cache is allocated whole at admission (prompt + max tokens)
 //!   against a byte budget shared by the engine's models, which also holds the prefix cache
 //!   ([`prefix`]); a request that does not fit now waits in a bounded queue.
@@ -49,7 +55,8 @@ pub struct EngineOptions {
     /// Most sequences per model decoding together in one batch.
     pub max_batch_sequences: usize,
     /// Most prompt tokens a step prefills while other sequences decode (a larger chunk
-    /// prefills faster but stalls the running streams longer).
+    /// prefills faster but stalls the running streams longer). Within it the scheduler sizes
+    /// each chunk so that the step takes about twice a decode-only step.
     pub prefill_chunk: usize,
     /// Keep the KV of recent prompts (least recently used out first) so that a prompt starting
     /// with one of them prefills only the rest.

@@ -8,7 +8,7 @@ use crate::llama::{BatchScratch, KvCache, LlamaModel, LlamaState, Segment, MAX_B
 use crate::{Error, FinishReason};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A sequence in flight: its request, its cache and how far it has run.
 struct Seq {
@@ -29,6 +29,55 @@ impl Seq {
     }
 }
 
+/// How long a step that prefills beside running decodes may take, in pure decode steps: the
+/// running streams' inter-token latency is at most this many times their usual one.
+const STALL_FACTOR: f64 = 2.0;
+/// The fewest prompt tokens such a step prefills, so a long prompt still makes progress.
+const MIN_CHUNK: usize = 8;
+
+/// The scheduler's measured costs, which size the prefill chunks run beside decodes: a fixed
+/// token count would stall a 1B model's streams for seconds (128 tokens ≈ 2.5 s on two Zen 3
+/// cores) yet be needlessly small for a 135M one. Chunk sizes only change which tokens share
+/// a step, not what a sequence computes (see the module doc on batch invariance).
+#[derive(Default)]
+struct Pace {
+    /// Seconds of a step that only decodes (moving average).
+    decode_s: Option<f64>,
+    /// Seconds per prefilled token beyond that (moving average).
+    token_s: Option<f64>,
+}
+
+impl Pace {
+    /// Prompt tokens for a step beside running decodes, at most `max`.
+    fn allowance(&self, max: usize) -> usize {
+        match (self.decode_s, self.token_s) {
+            (Some(d), Some(t)) if t > 0.0 => {
+                let n = ((STALL_FACTOR - 1.0) * d / t) as usize;
+                n.clamp(MIN_CHUNK.min(max), max)
+            }
+            // Not measured yet: the first steps (often prefill alone) will tell.
+            _ => max,
+        }
+    }
+
+    fn observe(&mut self, secs: f64, decodes: usize, prefilled: usize) {
+        let avg = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
+        if prefilled == 0 {
+            if decodes > 0 {
+                self.decode_s = avg(self.decode_s, secs);
+            }
+        } else if prefilled >= MIN_CHUNK {
+            let base = if decodes > 0 {
+                self.decode_s.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let per = (secs - base).max(0.0) / prefilled as f64;
+            self.token_s = avg(self.token_s, per);
+        }
+    }
+}
+
 /// When a request waits for memory another model holds, how often to look again.
 const RETRY: Duration = Duration::from_millis(20);
 
@@ -36,6 +85,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
     let opts = sh.opts.clone();
     let mut active: Vec<Seq> = Vec::new();
     let mut prefix = PrefixCache::default();
+    let mut pace = Pace::default();
     let mut lone = m.scratch_state(m.context_len());
     let mut batch = BatchScratch::default();
     let mut lone_logits = Vec::new();
@@ -149,7 +199,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
         // allowance (larger when nothing decodes: nobody waits on it).
         let decoding = active.iter().any(|s| s.pos >= s.n_prompt);
         let mut allowance = if decoding {
-            opts.prefill_chunk.max(1)
+            pace.allowance(opts.prefill_chunk.max(1))
         } else {
             MAX_BATCH.max(opts.prefill_chunk)
         };
@@ -167,6 +217,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
         }
 
         // The step itself; a panic (a bug) fails this step's sequences, not the thread.
+        let started = Instant::now();
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             step(
                 &m,
@@ -198,6 +249,11 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
                 continue;
             }
         };
+        let decodes = (0..active.len())
+            .filter(|&i| take[i] > 0 && active[i].pos >= active[i].n_prompt)
+            .count();
+        let prefilled = take.iter().sum::<usize>() - decodes;
+        pace.observe(started.elapsed().as_secs_f64(), decodes, prefilled);
         sh.steps.fetch_add(1, Ordering::Relaxed);
         if matches!(rows, Rows::Batch) {
             sh.batched_steps.fetch_add(1, Ordering::Relaxed);
