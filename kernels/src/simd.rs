@@ -45,6 +45,9 @@ pub(crate) trait Simd: Copy {
     unsafe fn select_lt(self, a: Self::V, b: Self::V, t: Self::V, f: Self::V) -> Self::V;
     unsafe fn hsum(self, v: Self::V) -> f32;
     unsafe fn hmax(self, v: Self::V) -> f32;
+    /// Bytes ahead that matvec prefetches each weight stream into L1 (0: none, the hardware
+    /// prefetchers alone).
+    const MATVEC_AHEAD: usize = 4096;
 }
 
 /// A weight dtype the kernels read directly from storage.
@@ -210,16 +213,16 @@ unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
 }
 
 /// y = W x as `R` streams: stream j takes the j-th R-th of the rows in order, so each stream
-/// reads contiguous memory and can prefetch a fixed distance ahead across its rows. Eight
-/// streams keep more cache-line fetches in flight than one or four (a few % more bandwidth).
+/// reads contiguous memory and (where the tier asks, [`Simd::MATVEC_AHEAD`]) can prefetch a
+/// fixed distance ahead across its rows. Eight streams keep more cache-line fetches in flight
+/// than one or four (a few % more bandwidth).
 #[inline(always)]
 unsafe fn matvec_e<S: Simd, E: Elem>(s: S, w: &[E], ld: usize, x: &[f32], y: &mut [f32]) {
     const R: usize = 8;
-    const AHEAD_BYTES: usize = 4096;
     let (k, rows) = (x.len(), y.len());
     debug_assert!(rows == 0 || (rows - 1) * ld + k <= w.len());
     let wp = w.as_ptr();
-    let ahead = AHEAD_BYTES / std::mem::size_of::<E>();
+    let ahead = S::MATVEC_AHEAD / std::mem::size_of::<E>();
     let sub = rows / R;
     for rr in 0..sub {
         let ws: [*const E; R] = std::array::from_fn(|j| wp.add((j * sub + rr) * ld));

@@ -9,6 +9,9 @@ pub(crate) struct Avx2;
 impl Simd for Avx2 {
     type V = __m256;
     const N: usize = 8;
+    // Zen 3 (2 vCPUs, page-cache weights): matvec streams 20-30% faster without the L1
+    // prefetches (bf16 and f32 alike); they hold line-fill buffers the L2 streamer would use.
+    const MATVEC_AHEAD: usize = 0;
     #[inline(always)]
     unsafe fn splat(self, x: f32) -> __m256 {
         _mm256_set1_ps(x)
