@@ -283,11 +283,12 @@ pub(crate) unsafe fn matmul_few<S: Simd>(s: S, job: &MatmulJob<'_>, r0: usize, r
 
 /// Most tokens one [`few`] tile holds (8 accumulators: AVX2 has 16 registers).
 const FEW_T: usize = 8;
-/// [`few`]'s k-block: X's piece (8 tokens × 256 floats = 8 KiB) stays in L1 across the rows
+/// [`few`]'s k-block: X's piece (8 tokens × 512 floats = 16 KiB) stays in L1 across the rows
 /// of a block; a whole X (8 × 2048 floats) would not, and every FMA would wait on L2.
-const FEW_KC: usize = 256;
-/// [`few`]'s row block: its parked vector sums (32 rows × 8 tokens × N lanes) stay in L1.
-const FEW_MB: usize = 32;
+const FEW_KC: usize = 512;
+/// [`few`]'s row block: its parked vector sums (16 rows × 8 tokens × N lanes) stay in L1.
+/// 512 × 16 beat 256 × 32, 1024 × 16 and 2048 × 8 at 8 tokens of bf16 on Zen 3.
+const FEW_MB: usize = 16;
 
 thread_local! {
     /// [`few`]'s parked vector sums between k-blocks.
@@ -298,10 +299,13 @@ thread_local! {
 unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r1: usize) {
     let nl = S::N;
     let (n, k, m, y) = (job.n, job.k, job.m, job.y);
-    let (wp, x) = (w.as_ptr(), job.x.as_ptr());
+    let wp = w.as_ptr();
     // The vector part of k (the rest is `tile_pf`'s scalar tail, added after the hsum).
     let kv = k - k % nl;
-    let need = FEW_MB * n * nl;
+    // X copied with rows k + PAD apart: rows a multiple of 4 KiB apart (k = 1024, 2048, ...)
+    // all map to one L1 set, and 8 tokens' rows plus the weights overflow its 8 ways.
+    let xs = k + PAD;
+    let need = FEW_MB * n * nl + n * xs;
     // Pointer taken out of the closure (closures do not inherit target features).
     let park = FEW.with(|p| {
         let mut p = p.borrow_mut();
@@ -310,6 +314,10 @@ unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r
         }
         p.as_mut_ptr()
     });
+    let x = park.add(FEW_MB * n * nl);
+    for t in 0..n {
+        std::ptr::copy_nonoverlapping(job.x.as_ptr().add(t * k), x.add(t * xs), k);
+    }
     // SAFETY: `park` is this thread's FEW scratch (`need` floats), alive for the thread and not
     // used by anything else during this call (nothing below yields to the pool).
     let mut rb = r0;
@@ -326,12 +334,12 @@ unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r
                 while t0 < n {
                     let g = (n - t0).min(FEW_T);
                     let pk = park.add((r * n + t0) * nl);
-                    let xg = x.add(t0 * k);
+                    let xg = x.add(t0 * xs);
                     macro_rules! go {
                         ($($t:literal)*) => {
                             match g {
-                                $($t => few_piece::<S, E, $t>(s, wr, xg, k, kb, kc, pk, pf),)*
-                                _ => few_piece::<S, E, FEW_T>(s, wr, xg, k, kb, kc, pk, pf),
+                                $($t => few_piece::<S, E, $t>(s, wr, xg, xs, kb, kc, pk, pf),)*
+                                _ => few_piece::<S, E, FEW_T>(s, wr, xg, xs, kb, kc, pk, pf),
                             }
                         };
                     }
@@ -351,7 +359,7 @@ unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r
                     s.hsum(s.load(park.add((r * n + t) * nl)))
                 };
                 for j in kv..k {
-                    v += (*wr.add(j)).f() * *x.add(t * k + j);
+                    v += (*wr.add(j)).f() * *x.add(t * xs + j);
                 }
                 *y.add(t * m + rb + r) = v;
             }
@@ -360,7 +368,7 @@ unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r
     }
 }
 
-/// One row's columns `kb..kb + kc` (vector part) for T tokens of X (rows `k` apart), summed
+/// One row's columns `kb..kb + kc` (vector part) for T tokens of X (rows `xs` apart), summed
 /// into the parked lane sums at `pk` (T vectors; zero at kb = 0) in `tile_pf`'s order;
 /// prefetches `pf`'s piece, a few rows on, once per cache line.
 #[inline(always)]
@@ -368,7 +376,7 @@ unsafe fn few_piece<S: Simd, E: Elem, const T: usize>(
     s: S,
     wr: *const E,
     x: *const f32,
-    k: usize,
+    xs: usize,
     kb: usize,
     kc: usize,
     pk: *mut f32,
@@ -381,19 +389,23 @@ unsafe fn few_piece<S: Simd, E: Elem, const T: usize>(
             acc[t] = s.load(pk.add(t * nl));
         }
     }
-    let line = 64 / std::mem::size_of::<E>();
+    // Whole cache lines of weights per step (kc is a multiple of 64 bytes but at the end of a
+    // row), one prefetch each: a test per vector cost as much as the FMAs' issue slots.
+    let line = (64 / std::mem::size_of::<E>()).max(nl);
     let mut i = kb;
-    while i < kb + kc {
-        // Unlike matvec's long streams, these 512-byte pieces of 32 rows are too short for the
-        // hardware prefetcher: without this, 8 tokens ran at 55% of the speed (Zen 3, mm8).
-        if (i - kb).is_multiple_of(line) {
-            prefetch(pf.wrapping_add(i - kb));
+    let end = kb + kc;
+    while i < end {
+        // Unlike matvec's long streams, these pieces of a block of rows are too short for the
+        // hardware prefetcher: without this, 8 tokens ran at 55% of the speed (Zen 3).
+        prefetch(pf.wrapping_add(i - kb));
+        let stop = (i + line).min(end);
+        while i < stop {
+            let wv = E::vload(s, wr.add(i));
+            for t in 0..T {
+                acc[t] = s.fma(wv, s.load(x.add(t * xs + i)), acc[t]);
+            }
+            i += nl;
         }
-        let wv = E::vload(s, wr.add(i));
-        for t in 0..T {
-            acc[t] = s.fma(wv, s.load(x.add(t * k + i)), acc[t]);
-        }
-        i += nl;
     }
     for t in 0..T {
         s.store(pk.add(t * nl), acc[t]);

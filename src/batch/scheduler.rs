@@ -78,6 +78,9 @@ impl Pace {
     }
 }
 
+/// How long an idle scheduler waits for more of a burst of requests before its first step.
+const GATHER: Duration = Duration::from_millis(5);
+
 /// When a request waits for memory another model holds, how often to look again.
 const RETRY: Duration = Duration::from_millis(20);
 
@@ -101,6 +104,7 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
         // Admit what fits, or sleep until there is something to do.
         {
             let mut q = lock(&sh.queue);
+            let mut gathered = false;
             loop {
                 if q.shutdown && active.is_empty() && q.waiting.is_empty() {
                     prefix.clear(&sh.budget);
@@ -116,6 +120,24 @@ pub(super) fn run(sh: Arc<Shared>, m: Arc<LlamaModel>) {
                     }
                     !r.cancelled()
                 });
+                // Idle when work arrives: requests sent at the same moment (a burst of callers)
+                // get GATHER to queue, so their prompts prefill in one step instead of the
+                // later ones trickling in beside the first one's decodes.
+                if active.is_empty() && !q.waiting.is_empty() && !gathered {
+                    gathered = true;
+                    let until = Instant::now() + GATHER;
+                    while q.waiting.len() < opts.max_batch_sequences && !q.shutdown {
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        q = sh
+                            .wake
+                            .wait_timeout(q, until - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
                 while active.len() < opts.max_batch_sequences.max(1) {
                     let Some(r) = q.waiting.front() else { break };
                     let need = r.kv_bytes;
