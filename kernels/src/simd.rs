@@ -265,9 +265,10 @@ pub(crate) unsafe fn dot<S: Simd>(s: S, w: Weights<'_>, x: &[f32]) -> f32 {
 /// Y[:, r0..r1] = X W[r0..r1, :]ᵀ for a few tokens (n ≤ N: a batch of decodes). Each (token,
 /// row) is summed exactly as [`matvec`] sums it (`tile_pf`'s vector lanes over k, then the
 /// horizontal sum, then the tail), so a decode batch gives each token what its lone decode
-/// would from the same cache. Dot products rather than outer products: one weight load (and widening)
-/// serves every token and no X panel is packed, so the FMA units, not conversions and
-/// broadcasts, set the pace (about 2x the outer-product tiles' GFLOP/s at 8 tokens, Zen 3).
+/// would from the same cache. Dot products rather than outer products: one weight load (and
+/// widening) serves every token, so the FMA units, not conversions and broadcasts, set the
+/// pace (8 tokens of bf16 on Zen 3: 60-69 GFLOP/s on two threads; the outer-product tiles ran
+/// at about half that per thread in the same loaded-machine comparison).
 #[inline(always)]
 pub(crate) unsafe fn matmul_few<S: Simd>(s: S, job: &MatmulJob<'_>, r0: usize, r1: usize) {
     match job.w {
@@ -314,12 +315,13 @@ unsafe fn few<S: Simd, E: Elem>(s: S, job: &MatmulJob<'_>, w: &[E], r0: usize, r
         }
         p.as_mut_ptr()
     });
+    // SAFETY: `park` is this thread's FEW scratch (`need` floats: the parked sums, then X's
+    // copy), alive for the thread and not used by anything else during this call (nothing
+    // below yields to the pool).
     let x = park.add(FEW_MB * n * nl);
     for t in 0..n {
         std::ptr::copy_nonoverlapping(job.x.as_ptr().add(t * k), x.add(t * xs), k);
     }
-    // SAFETY: `park` is this thread's FEW scratch (`need` floats), alive for the thread and not
-    // used by anything else during this call (nothing below yields to the pool).
     let mut rb = r0;
     while rb < r1 {
         let rows = FEW_MB.min(r1 - rb);
@@ -389,8 +391,8 @@ unsafe fn few_piece<S: Simd, E: Elem, const T: usize>(
             acc[t] = s.load(pk.add(t * nl));
         }
     }
-    // Whole cache lines of weights per step (kc is a multiple of 64 bytes but at the end of a
-    // row), one prefetch each: a test per vector cost as much as the FMAs' issue slots.
+    // One prefetch per 64 bytes of weights, outside the vector loop: a test per vector cost
+    // about as much as the FMAs' issue slots.
     let line = (64 / std::mem::size_of::<E>()).max(nl);
     let mut i = kb;
     let end = kb + kc;
