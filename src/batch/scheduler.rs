@@ -36,7 +36,7 @@ const STALL_FACTOR: f64 = 2.0;
 const MIN_CHUNK: usize = 8;
 
 /// The scheduler's measured costs, which size the prefill chunks run beside decodes: a fixed
-/// token count would stall a 1B model's streams for seconds (128 tokens ≈ 2.5 s on two Zen 3
+/// token count would stall a 1B model's streams for seconds (128 tokens ≈ 2.2 s on two Zen 3
 /// cores) yet be needlessly small for a 135M one. Chunk sizes only change which tokens share
 /// a step, not what a sequence computes (see the module doc on batch invariance).
 #[derive(Default)]
