@@ -397,3 +397,34 @@ fn fail_step(sh: &Shared, active: &mut Vec<Seq>, take: &[usize], e: Error) {
     });
     sh.active.store(active.len(), Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule of `Pace`: a step beside decodes may add (STALL_FACTOR - 1) decode-steps' time
+    /// of prefill, never below MIN_CHUNK tokens nor above the configured chunk.
+    #[test]
+    fn pace_sizes_chunks_from_measured_costs() {
+        let mut p = Pace::default();
+        assert_eq!(p.allowance(128), 128, "unmeasured: the configured chunk");
+        p.observe(0.1, 8, 0); // a decode-only step of 100 ms
+        p.observe(1.0, 0, 50); // 50 prompt tokens alone: 20 ms each
+        assert_eq!(
+            p.allowance(128),
+            MIN_CHUNK,
+            "100 ms / 20 ms = 5, raised to the minimum"
+        );
+        // Steps that prefill beside decodes count only the time beyond a decode step.
+        let mut q = Pace::default();
+        q.observe(0.5, 8, 0);
+        q.observe(0.5 + 10.0 * 0.01, 8, 10);
+        assert_eq!(q.allowance(128), 50, "500 ms / 10 ms");
+        assert_eq!(q.allowance(32), 32, "capped by the configured chunk");
+        // Steps of fewer than MIN_CHUNK prompt tokens are too short to time per token.
+        let mut r = Pace::default();
+        r.observe(0.5, 8, 0);
+        r.observe(5.0, 8, 1);
+        assert_eq!(r.allowance(128), 128);
+    }
+}
