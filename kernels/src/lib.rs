@@ -893,8 +893,8 @@ impl Kernels {
         let Some(bf) = bf else {
             let tw = self.t.op_width;
             // More than one vector of tokens: outer products (a last group of ≤ one vector
-            // runs one-vector tiles); else dot products (`simd::matmul_few`: a decode batch
-            // whose tokens each get exactly their lone `matvec` sums).
+            // runs one-vector tiles); else (and for k = 0) dot products (`simd::matmul_few`: a
+            // decode batch whose tokens each get exactly their lone `matvec` sums).
             if tw > 0 && n > self.isa.lanes() && k > 0 {
                 let go = |xp: &mut Vec<f32>| {
                     let len = n.div_ceil(tw) * k * tw;

@@ -94,7 +94,6 @@ impl Simd for Portable {
 crate::simd::tier_table!(TABLE {
     simd: Portable,
     attr: inline,
-    dot_tile: (2, 2),
     op_tile: (4, 1),
     packed_tile: (4, 1),
     bf16_matmul: None,

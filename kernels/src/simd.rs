@@ -155,21 +155,10 @@ unsafe fn store_tail<S: Simd>(s: S, p: *mut f32, len: usize, v: S::V) {
 
 // ---------------------------------------------------------------- products
 
-/// Dot products of `R` weight rows with `T` activation rows over `k` elements:
-/// out[t][r] = sum_j w[r][j] x[t][j]. One accumulator register per (t, r) pair.
-#[inline(always)]
-pub(crate) unsafe fn tile<S: Simd, E: Elem, const R: usize, const T: usize>(
-    s: S,
-    w: [*const E; R],
-    x: [*const f32; T],
-    k: usize,
-) -> [[f32; R]; T] {
-    tile_pf::<S, E, R, T>(s, w, x, k, 0)
-}
-
-/// [`tile`] that also prefetches, for each weight row, the element `ahead` places on (none if
-/// 0): matvec rows are often exactly one 4 KiB page, where the hardware prefetcher stops and
-/// would have to retrain on every row.
+/// Dot products of `R` weight rows with `T` activation rows over `k` elements,
+/// out[t][r] = sum_j w[r][j] x[t][j], one accumulator register per (t, r) pair. Prefetches, for
+/// each weight row, the element `ahead` places on (none if 0): matvec rows are often exactly
+/// one 4 KiB page, where the hardware prefetcher stops and would have to retrain on every row.
 #[inline(always)]
 unsafe fn tile_pf<S: Simd, E: Elem, const R: usize, const T: usize>(
     s: S,
@@ -433,172 +422,13 @@ pub(crate) struct MatmulJob<'a> {
 // (see `Kernels::matmul`), and the borrowed slices are read-only.
 unsafe impl Sync for MatmulJob<'_> {}
 
-/// K-block: the X tile (TT rows × KC f32; 24 KiB for AVX-512's 12 tokens) must stay in L1
-/// while W rows stream past it from L2, or every FMA waits on L2 for both operands.
-pub(crate) const KC: usize = 512;
-/// M-block: the packed f32 W block (MC × KC = 128 KiB) stays in L2.
+/// M-block: rows per block of the outer-product and AVX-512 BF16 matmuls.
 pub(crate) const MC: usize = 64;
-
-thread_local! {
-    /// Per-thread scratch for W blocks widened to f32 (MC × KC), allocated once per thread.
-    static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Write (first k-block) or accumulate a result tile into Y.
-#[inline(always)]
-pub(crate) unsafe fn put<const R: usize, const T: usize>(
-    y: *mut f32,
-    m: usize,
-    t0: usize,
-    r0: usize,
-    o: &[[f32; R]; T],
-    first: bool,
-) {
-    for t in 0..T {
-        let row = y.add((t0 + t) * m + r0);
-        for r in 0..R {
-            if first {
-                *row.add(r) = o[t][r];
-            } else {
-                *row.add(r) += o[t][r];
-            }
-        }
-    }
-}
-
-/// Y[:, r0..r1] for weight rows `wb` (pointers to rows of `E` with row stride `ws`, already
-/// offset to the current k-block `kb..kb+kc`) over all tokens. Tiles of RT rows × TT tokens.
-/// With `xt` non-null each full token tile is first copied there with a padded row stride.
-#[inline(always)]
-unsafe fn block<S: Simd, E: Elem, const RT: usize, const TT: usize>(
-    s: S,
-    job: &MatmulJob<'_>,
-    wb: *const E,
-    ws: usize,
-    rows: usize,
-    rbase: usize,
-    kb: usize,
-    kc: usize,
-    xt: *mut f32,
-) {
-    let (n, k, m, y) = (job.n, job.k, job.m, job.y);
-    let xp = job.x.as_ptr().add(kb);
-    let first = kb == 0;
-    let xts = kc + PAD;
-    let mut t = 0;
-    while t < n {
-        let tt = TT.min(n - t);
-        // The X tile: rows at stride k (or, packed, at the padded stride xts).
-        let (xb, xs) = if !xt.is_null() {
-            for i in 0..tt {
-                let src = std::slice::from_raw_parts(xp.add((t + i) * k), kc);
-                widen(s, src, std::slice::from_raw_parts_mut(xt.add(i * xts), kc));
-            }
-            (xt as *const f32, xts)
-        } else {
-            (xp.add(t * k), k)
-        };
-        // Edge tiles run the full tile with missing rows/tokens pointing at row 0 and their
-        // results dropped: a 1×1 fallback would be bound by FMA latency (one chain).
-        let mut x = [xb; TT];
-        for i in 0..tt {
-            x[i] = xb.add(i * xs);
-        }
-        let mut r = 0;
-        while r < rows {
-            let rr = RT.min(rows - r);
-            let mut w = [wb.add(r * ws); RT];
-            for i in 0..rr {
-                w[i] = wb.add((r + i) * ws);
-            }
-            let o = tile::<S, E, RT, TT>(s, w, x, kc);
-            if rr == RT && tt == TT {
-                put(y, m, t, rbase + r, &o, first);
-            } else {
-                for j in 0..tt {
-                    let row = y.add((t + j) * m + rbase + r);
-                    for i in 0..rr {
-                        if first {
-                            *row.add(i) = o[j][i];
-                        } else {
-                            *row.add(i) += o[j][i];
-                        }
-                    }
-                }
-            }
-            r += rr;
-        }
-        t += tt;
-    }
-}
-
-/// Y[:, r0..r1] = X W[r0..r1, :]ᵀ with exact f32 accumulation. Weights are widened/copied once
-/// per (MC × KC) block into a per-thread scratch and reused by every token.
-#[inline(always)]
-pub(crate) unsafe fn matmul_rows<S: Simd, const RT: usize, const TT: usize>(
-    s: S,
-    job: &MatmulJob<'_>,
-    r0: usize,
-    r1: usize,
-) {
-    match job.w {
-        Weights::F32(w) => matmul_packed::<S, f32, RT, TT>(s, job, w, r0, r1),
-        Weights::F16(w) => matmul_packed::<S, f16, RT, TT>(s, job, w, r0, r1),
-        Weights::Bf16(w) => matmul_packed::<S, bf16, RT, TT>(s, job, w, r0, r1),
-        block_formats!() => unreachable!(
-            "{} blocks reach the float kernels: `Kernels` routes them to `quant`",
-            job.w.format().name()
-        ),
-    }
-}
 
 /// Padding (floats) added to packed row strides. Rows of 1024 or 2048 floats are a multiple
 /// of 4 KiB apart, so every row of a tile would map to the same L1 set and evict each other;
 /// 16 floats (one line) shifts each row to the next set.
 const PAD: usize = 16;
-
-#[inline(always)]
-unsafe fn matmul_packed<S: Simd, E: Elem, const RT: usize, const TT: usize>(
-    s: S,
-    job: &MatmulJob<'_>,
-    w: &[E],
-    r0: usize,
-    r1: usize,
-) {
-    let k = job.k;
-    // W block (MC rows) then one X tile (≤ 16 rows), both at the padded stride KC + PAD.
-    let need = (MC + 16) * (KC + PAD);
-    // Take the scratch pointer out of the closure: code inside a closure would not inherit the
-    // caller's target features (the kernels would compile to intrinsic calls).
-    let pk = PACK.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < need {
-            p.resize(need, 0.0);
-        }
-        p.as_mut_ptr()
-    });
-    // SAFETY: `pk` points into this thread's PACK buffer (`need` floats), which lives as long
-    // as the thread and is not touched by anything else while this call runs (no re-entry:
-    // nothing below yields to the thread pool).
-    let mut kb = 0;
-    while kb < k.max(1) {
-        let kc = KC.min(k - kb);
-        let ps = kc + PAD;
-        let xt = pk.add(MC * ps);
-        let mut rb = r0;
-        while rb < r1 {
-            let rows = MC.min(r1 - rb);
-            for r in 0..rows {
-                let src = std::slice::from_raw_parts(w.as_ptr().add((rb + r) * k + kb), kc);
-                let dst = std::slice::from_raw_parts_mut(pk.add(r * ps), kc);
-                widen(s, src, dst);
-            }
-            block::<S, f32, RT, TT>(s, job, pk, ps, rows, rb, kb, kc, xt);
-            rb += rows;
-        }
-        kb += KC;
-    }
-}
 
 /// X (n, k) packed for the outer-product matmul: groups of `tw` tokens, each `[k][tw]`
 /// (token index fastest), zero-padded to whole groups. `xp.len()` = n.div_ceil(tw)·k·tw.
@@ -634,7 +464,7 @@ thread_local! {
 /// Y[:, r0..r1] by outer products: per k step, NV vectors of packed X (NV·N tokens) times MR
 /// broadcast weights accumulate into MR×NV registers. Each FMA needs no fresh cache line from
 /// L2 (X panel and W tile rows are read sequentially) and no horizontal sums, unlike the
-/// dot-product tiles; W is widened once per (block × KC) and reused by every token group.
+/// dot products; W is widened once per block and reused by every token group.
 #[inline(always)]
 pub(crate) unsafe fn matmul_op<S: Simd, const MR: usize, const NV: usize>(
     s: S,
@@ -1391,8 +1221,7 @@ pub(crate) const READERS: [(usize, bool); 4] = [(2, false), (4, false), (8, fals
 
 /// Per-tier fn-pointer table from the generic bodies. `$attr` is the wrappers' attribute
 /// (`target_feature(enable = "...")`, or `inline` for the portable tier); invoke once per module;
-/// `simd`: the tier's [`Simd`] token (a unit struct); `dot_tile`: the dot-product matmul tile
-/// (weight rows × tokens); `op_tile`: the outer-product tile (weight rows × token vectors);
+/// `simd`: the tier's [`Simd`] token (a unit struct); `op_tile`: the outer-product tile (weight rows × token vectors);
 /// `packed_tile`: the pre-packed-weights tile (tokens × vectors of output columns);
 /// `quant_dot`/`quant_dot4`: block-format dots (default: the oracle's).
 macro_rules! tier_table {
@@ -1400,7 +1229,6 @@ macro_rules! tier_table {
     ($name:ident {
         simd: $S:ident,
         attr: $attr:meta,
-        dot_tile: ($rt:literal, $tt:literal),
         op_tile: ($mr:literal, $nv:literal),
         packed_tile: ($pt:literal, $pnv:literal),
         bf16_matmul: $bf16mm:expr,
@@ -1409,7 +1237,6 @@ macro_rules! tier_table {
         crate::simd::tier_table!($name {
             simd: $S,
             attr: $attr,
-            dot_tile: ($rt, $tt),
             op_tile: ($mr, $nv),
             packed_tile: ($pt, $pnv),
             bf16_matmul: $bf16mm,
@@ -1423,7 +1250,6 @@ macro_rules! tier_table {
     ($name:ident {
         simd: $S:ident,
         attr: $attr:meta,
-        dot_tile: ($rt:literal, $tt:literal),
         op_tile: ($mr:literal, $nv:literal),
         packed_tile: ($pt:literal, $pnv:literal),
         bf16_matmul: $bf16mm:expr,
@@ -1447,10 +1273,8 @@ macro_rules! tier_table {
         }
         #[$attr]
         unsafe fn matmul_(j: &g::MatmulJob<'_>, r0: usize, r1: usize) {
-            if j.xp.is_empty() && j.n <= <$S as g::Simd>::N {
+            if j.xp.is_empty() {
                 g::matmul_few($S, j, r0, r1)
-            } else if j.xp.is_empty() {
-                g::matmul_rows::<_, $rt, $tt>($S, j, r0, r1)
             } else {
                 g::matmul_op::<_, $mr, $nv>($S, j, r0, r1)
             }

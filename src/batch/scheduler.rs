@@ -418,8 +418,8 @@ mod tests {
         // Steps that prefill beside decodes count only the time beyond a decode step.
         let mut q = Pace::default();
         q.observe(0.5, 8, 0);
-        q.observe(0.5 + 10.0 * 0.01, 8, 10);
-        assert_eq!(q.allowance(128), 50, "500 ms / 10 ms");
+        q.observe(0.5 + 10.0 * 0.008, 8, 10);
+        assert_eq!(q.allowance(128), 62, "500 ms / 8 ms = 62.5");
         assert_eq!(q.allowance(32), 32, "capped by the configured chunk");
         // Steps of fewer than MIN_CHUNK prompt tokens are too short to time per token.
         let mut r = Pace::default();

@@ -73,12 +73,22 @@ impl Server {
 
     /// Waits (up to ~60 s) for an access-log line matching `pred`, and returns it.
     pub fn wait_log(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.wait_log_nth(0, pred)
+    }
+
+    /// [`Server::wait_log`] for the line after the first `skip` that match.
+    pub fn wait_log_nth(
+        &self,
+        skip: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         for _ in 0..600 {
-            let found = self.log_lines().iter().find_map(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .filter(|v| pred(v))
-            });
+            let found = self
+                .log_lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| pred(v))
+                .nth(skip);
             if let Some(v) = found {
                 return v;
             }

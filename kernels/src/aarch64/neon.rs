@@ -107,7 +107,6 @@ impl Simd for Neon {
 crate::simd::tier_table!(TABLE {
     simd: Neon,
     attr: target_feature(enable = "neon"),
-    dot_tile: (4, 4),
     op_tile: (8, 2),
     packed_tile: (8, 2),
     bf16_matmul: None,

@@ -97,7 +97,6 @@ impl Simd for Avx2 {
 crate::simd::tier_table!(TABLE {
     simd: Avx2,
     attr: target_feature(enable = "avx2,fma,f16c"),
-    dot_tile: (4, 2),
     op_tile: (6, 2),
     packed_tile: (6, 2),
     bf16_matmul: None,

@@ -101,7 +101,6 @@ mod plain {
     crate::simd::tier_table!(TABLE {
         simd: Avx512,
         attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        dot_tile: (2, 12),
         op_tile: (6, 4),
         packed_tile: (12, 2),
         bf16_matmul: None,
@@ -120,7 +119,6 @@ mod with_bf16 {
     crate::simd::tier_table!(TABLE {
         simd: Avx512,
         attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
-        dot_tile: (2, 12),
         op_tile: (6, 4),
         packed_tile: (12, 2),
         bf16_matmul: Some(crate::Bf16Mm {
@@ -199,7 +197,27 @@ pub(crate) mod bf16dot {
         out
     }
 
-    use crate::simd::put;
+    /// Write (first k-block) or accumulate a result tile into Y.
+    #[inline(always)]
+    unsafe fn put<const R: usize, const T: usize>(
+        y: *mut f32,
+        m: usize,
+        t0: usize,
+        r0: usize,
+        o: &[[f32; R]; T],
+        first: bool,
+    ) {
+        for t in 0..T {
+            let row = y.add((t0 + t) * m + r0);
+            for r in 0..R {
+                if first {
+                    *row.add(r) = o[t][r];
+                } else {
+                    *row.add(r) += o[t][r];
+                }
+            }
+        }
+    }
 
     /// Y[:, r0..r1] of `job` (whose `w` must be bf16 and `xb` X rounded to bf16).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
