@@ -1053,9 +1053,10 @@ impl Kernels {
     }
 
     /// Y = X Wᵀ for block-format W: each token row of X quantized once (in parallel), then
-    /// tiles of `QT` weight rows × all tokens (the tier's `qtile`: a tile of W is read from
-    /// memory once and from cache for every token), copied into Y's columns; rows are split
-    /// over the pool as in [`Kernels::run_matmul`].
+    /// chunks of weight rows × all tokens (the tier's `qtile`, which reads each weight tile
+    /// from memory once and from cache for every token, and prepares the activations once per
+    /// chunk), copied into Y's columns; rows are split over the pool as in
+    /// [`Kernels::run_matmul`], in multiples of `QT`.
     fn matmul_quant(&self, w: Weights<'_>, x: &[f32], n: usize, k: usize, m: usize, y: &mut [f32]) {
         const QT: usize = 16;
         let f = w.format();
@@ -1071,20 +1072,15 @@ impl Kernels {
             };
             let rows = |r0: usize, r1: usize| {
                 let yp = &yp; // the whole (Sync) wrapper, not its raw field
-                let mut out = vec![0f32; n * QT];
-                for t0 in (r0..r1).step_by(QT) {
-                    let t1 = (t0 + QT).min(r1);
-                    let out = &mut out[..n * (t1 - t0)];
-                    qtile(w.slice(t0 * k, t1 * k), acts, n, out);
-                    for t in 0..n {
-                        let src = &out[t * (t1 - t0)..(t + 1) * (t1 - t0)];
-                        // SAFETY: row t, columns t0..t1 lie in Y (n, m); each thread has its
-                        // own columns.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(yp.0.add(t * m + t0), t1 - t0)
-                        };
-                        dst.copy_from_slice(src);
-                    }
+                let mut out = vec![0f32; n * (r1 - r0)];
+                qtile(w.slice(r0 * k, r1 * k), acts, n, &mut out);
+                for t in 0..n {
+                    let src = &out[t * (r1 - r0)..(t + 1) * (r1 - r0)];
+                    // SAFETY: row t, columns r0..r1 lie in Y (n, m); each thread has its
+                    // own columns.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * m + r0), r1 - r0) };
+                    dst.copy_from_slice(src);
                 }
             };
             let threads = rayon::current_num_threads();

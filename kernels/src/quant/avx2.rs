@@ -21,11 +21,11 @@ use half::f16;
 pub(crate) unsafe fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot: length mismatch");
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => dot_q8_0(w, a),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => dot_q4_0(w, a),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => dot_q5_0(w, a),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => dot_q4_1(w, a),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => dot_q5_1(w, a),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
         (Weights::Q4K(w), Acts::Q8K(a)) => dot_q4_k(w, a),
         (Weights::Q5K(w), Acts::Q8K(a)) => dot_q5_k(w, a),
         (Weights::Q6K(w), Acts::Q8K(a)) => dot_q6_k(w, a),
@@ -86,33 +86,9 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 // The single-token dots are the multi-token bodies with N = 1: each token's sum then runs in
 // the same order whether it is computed alone (decode) or beside others (prefill, a batch of
-// sequences), so a request's numbers do not depend on what else runs with it (issue 12). One
-// accumulator chain per token costs nothing measurable here: decode is bound by memory.
+// sequences), so a request's numbers do not depend on what else runs with it (issue 12).
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    legacy_n::<_, 1>(x, [y], |x| (load(x.qs.as_ptr() as _), h2f(x.d)))[0]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
-    legacy_n::<_, 1>(x, [y], |x| q4_0_values(x))[0]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    legacy_n::<_, 1>(x, [y], |x| (q5_0_values(x), h2f(x.d)))[0]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    legacy1_n::<_, 1>(x, [y], |x| nibbles(&x.qs))[0]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
-    legacy1_n::<_, 1>(x, [y], |x| q5_1_values(x))[0]
-}
+mod legacy;
 
 /// The twelve packed scale bytes of a Q4_K / Q5_K super-block as sixteen bytes: the eight
 /// 6-bit scales, then the eight 6-bit mins (ggml's `utmp` shuffle; the same values as
@@ -317,28 +293,6 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
     std::array::from_fn(|t| hsum(acc[t]))
 }
 
-/// One Q8_0 / Q4_0 row (`unpack` gives a block's 32 signed values and its scale) against `N`
-/// tokens' Q8_0 activations: each weight block is unpacked once.
-#[inline(always)]
-unsafe fn legacy_n<B, const N: usize>(
-    x: &[B],
-    ys: [&[BlockQ8_0]; N],
-    unpack: impl Fn(&B) -> (__m256i, f32),
-) -> [f32; N] {
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (i, x) in x.iter().enumerate() {
-        let (qx, dx) = unpack(x);
-        let ax = _mm256_sign_epi8(qx, qx);
-        for t in 0..N {
-            let y = &ys[t][i];
-            let p = us8(ax, _mm256_sign_epi8(load(y.qs.as_ptr() as _), qx));
-            let d = _mm256_set1_ps(dx * h2f(y.d));
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
-        }
-    }
-    std::array::from_fn(|t| hsum(acc[t]))
-}
-
 /// One weight row against four tokens' activations (the prefill matmul's inner step): exactly
 /// the sums of four [`vec_dot`]s (the same bodies, the same order; Q5_K is four single dots).
 ///
@@ -357,19 +311,19 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
             dot4_q6_k(w, [a, b, c, d])
         }
         (Weights::Q8_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            dot4_q8_0(w, [a, b, c, d])
+            legacy::dot4(w, [a, b, c, d])
         }
         (Weights::Q4_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            dot4_q4_0(w, [a, b, c, d])
+            legacy::dot4(w, [a, b, c, d])
         }
         (Weights::Q5_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            dot4_q5_0(w, [a, b, c, d])
+            legacy::dot4(w, [a, b, c, d])
         }
         (Weights::Q4_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
-            dot4_q4_1(w, [a, b, c, d])
+            legacy::dot4(w, [a, b, c, d])
         }
         (Weights::Q5_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
-            dot4_q5_1(w, [a, b, c, d])
+            legacy::dot4(w, [a, b, c, d])
         }
         _ => a.map(|a| vec_dot(w, a)),
     }
@@ -384,99 +338,6 @@ unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
 unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
     q6_k_n(x, ys)
 }
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q8_0(x: &[BlockQ8_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
-    legacy_n(x, ys, |x| (load(x.qs.as_ptr() as _), h2f(x.d)))
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_0(x: &[BlockQ4_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
-    legacy_n(x, ys, |x| q4_0_values(x))
-}
-
-/// A Q4_0 block's 32 values q - 8 as signed bytes, and its scale.
-#[inline(always)]
-unsafe fn q4_0_values(x: &BlockQ4_0) -> (__m256i, f32) {
-    (
-        _mm256_sub_epi8(nibbles(&x.qs), _mm256_set1_epi8(8)),
-        h2f(x.d),
-    )
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q5_0(x: &[BlockQ5_0], ys: [&[BlockQ8_0]; 4]) -> [f32; 4] {
-    legacy_n(x, ys, |x| (q5_0_values(x), h2f(x.d)))
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_1(x: &[BlockQ4_1], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    legacy1_n(x, ys, |x| nibbles(&x.qs))
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q5_1(x: &[BlockQ5_1], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    legacy1_n(x, ys, |x| q5_1_values(x))
-}
-
-/// A Q5_0 block's 32 values q - 16 as signed bytes.
-#[inline(always)]
-unsafe fn q5_0_values(x: &BlockQ5_0) -> __m256i {
-    // Where the fifth bit is clear, q - 16 = nibble - 16 = nibble | 0xF0 as i8.
-    let hi = _mm256_andnot_si256(bits(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-    _mm256_or_si256(nibbles(&x.qs), hi)
-}
-
-/// A Q5_1 block's 32 values q (0..=31) as bytes.
-#[inline(always)]
-unsafe fn q5_1_values(x: &BlockQ5_1) -> __m256i {
-    let hi = _mm256_and_si256(bits(x.qh), _mm256_set1_epi8(0x10));
-    _mm256_or_si256(nibbles(&x.qs), hi)
-}
-
-// `h2f_pair` reads these pairs as one u32.
-const _: () = assert!(core::mem::offset_of!(BlockQ4_1, m) == 2);
-const _: () = assert!(core::mem::offset_of!(BlockQ5_1, m) == 2);
-const _: () = assert!(core::mem::offset_of!(BlockQ8_1, s) == 2);
-
-/// The two f16 that open a block (`d`, `m` of Q4_1 / Q5_1; `d`, `s` of Q8_1) as
-/// [d, m, 0, 0].
-///
-/// # Safety
-/// `B` must begin with two `f16` fields (all blocks passed here are `repr(C)`, ≥ 4 bytes).
-#[inline(always)]
-unsafe fn h2f_pair<B>(b: &B) -> __m128 {
-    // SAFETY: the four bytes lie in `*b` (see above); unaligned read, any bits are valid.
-    let bits = (b as *const B as *const i32).read_unaligned();
-    _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
-}
-
-/// One Q4_1 / Q5_1 row (`B` is one of the two; `unpack` gives a block's 32 values q ≥ 0 as
-/// bytes) against `N` tokens' Q8_1 activations: Σ d·dy·Σq·qy + m·s per
-/// block, each weight block unpacked once. Scales are widened two at a time ([d, m] × [dy, s]
-/// in one multiply).
-#[inline(always)]
-unsafe fn legacy1_n<B, const N: usize>(
-    x: &[B],
-    ys: [&[BlockQ8_1]; N],
-    unpack: impl Fn(&B) -> __m256i,
-) -> [f32; N] {
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut accm = [_mm_setzero_ps(); N];
-    for (i, x) in x.iter().enumerate() {
-        let qx = unpack(x);
-        let dm = h2f_pair(x);
-        for t in 0..N {
-            let y = &ys[t][i];
-            let p = us8(qx, load(y.qs.as_ptr() as _));
-            // [d·dy, m·s, 0, 0]
-            let s = _mm_mul_ps(dm, h2f_pair(y));
-            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), _mm256_cvtepi32_ps(p), acc[t]);
-            accm[t] = _mm_add_ps(accm[t], s);
-        }
-    }
-    std::array::from_fn(|t| {
-        let m = _mm_cvtss_f32(_mm_shuffle_ps::<1>(accm[t], accm[t]));
-        hsum(acc[t]) + m
-    })
-}
-
 /// `y[r]` = row `r` of `w` (rows of `a.len()` values) dotted with `a`: decode's matvec
 /// rows, the formats matched once for all of them.
 ///
@@ -498,11 +359,11 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q8_0),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q4_0),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(y, w, a, dot_q5_0),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q4_1),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(y, w, a, dot_q5_1),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, y),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, y),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q4_k),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q5_k),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q6_k),
@@ -514,9 +375,14 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     }
 }
 
-/// `out` (n, rows) = `a` (n tokens) × the rows of `w`: the prefill matmul's tile, four tokens
-/// at a time through the `dot4` bodies (each weight block unpacked once for the four; the
-/// tile's rows stay in L1 across the token groups), the last n mod 4 one at a time.
+/// Weight rows per tile of the prefill matmul: 16 rows of 2048 Q8_0 values (34 KiB) stay in
+/// L1/L2 while every token group passes over them.
+const TILE_ROWS: usize = 16;
+
+/// `out` (n, rows) = `a` (n tokens) × the rows of `w`: the prefill matmul, in tiles of
+/// `TILE_ROWS` rows, each passed four tokens at a time through the `dot4` bodies (each weight
+/// block unpacked once for the four; the tile's rows stay in cache across the token groups),
+/// the last n mod 4 one at a time.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
@@ -536,31 +402,35 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
             let bpr = $a.len() / n;
             let rows = $w.len() / bpr;
             let at = |t: usize| &$a[t * bpr..(t + 1) * bpr];
-            let mut t = 0;
-            while t + 4 <= n {
-                let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
-                for (r, w) in $w.chunks_exact(bpr).enumerate() {
-                    let v = $four(w, ys);
-                    for i in 0..4 {
-                        out[(t + i) * rows + r] = v[i];
+            for r0 in (0..rows).step_by(TILE_ROWS) {
+                let r1 = (r0 + TILE_ROWS).min(rows);
+                let tile = &$w[r0 * bpr..r1 * bpr];
+                let mut t = 0;
+                while t + 4 <= n {
+                    let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+                    for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
+                        let v = $four(w, ys);
+                        for i in 0..4 {
+                            out[(t + i) * rows + r] = v[i];
+                        }
                     }
+                    t += 4;
                 }
-                t += 4;
-            }
-            for t in t..n {
-                let y = at(t);
-                for (r, w) in $w.chunks_exact(bpr).enumerate() {
-                    out[t * rows + r] = $one(w, y);
+                for t in t..n {
+                    let y = at(t);
+                    for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
+                        out[t * rows + r] = $one(w, y);
+                    }
                 }
             }
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q8_0, dot4_q8_0),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q4_0, dot4_q4_0),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => go!(w, a, dot_q5_0, dot4_q5_0),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q4_1, dot4_q4_1),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => go!(w, a, dot_q5_1, dot4_q5_1),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k, dot4_q4_k),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k, dot4_q5_k),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k, dot4_q6_k),
