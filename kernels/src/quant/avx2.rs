@@ -108,29 +108,7 @@ fn k4_unpack(s: &[u8; K_SCALE_SIZE]) -> [u32; 4] {
     ]
 }
 
-/// Per super-block of a Q4_K / Q5_K dot: the scales as i16 in both 128-bit lanes (for
-/// broadcasting with `scale`), and Σ bsums·mins as four i32 (pairs of 16-sums are the 32-value
-/// sub-block sums; ≤ 2·16·127 each, no i16 overflow).
-#[inline(always)]
-unsafe fn k4_prep(scales: &[u8; K_SCALE_SIZE], bsums: &[i16; QK_K / 16]) -> (__m256i, __m128i) {
-    let u = k4_unpack(scales);
-    let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
-        u[3] as i32,
-        u[2] as i32,
-        u[1] as i32,
-        u[0] as i32,
-    ));
-    let bs = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
-    let q8s = _mm_hadd_epi16(
-        _mm256_castsi256_si128(bs),
-        _mm256_extracti128_si256::<1>(bs),
-    );
-    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(ms), q8s);
-    let sc = _mm256_castsi256_si128(ms);
-    (_mm256_set_m128i(sc, sc), mins)
-}
-
-/// Scale `i` (0..8) of `k4_prep`'s register in every i16 lane.
+/// Scale `i` (0..8) of a super-block's scales (i16, in both 128-bit lanes) in every i16 lane.
 #[inline(always)]
 unsafe fn scale(sc: __m256i, i: usize) -> __m256i {
     _mm256_shuffle_epi8(sc, _mm256_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16))
@@ -142,20 +120,68 @@ unsafe fn hsum4(v: __m128) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    q4_k_n::<1>(x, [y])[0]
+/// A Q4_K or Q5_K super-block: d·sc·q - dmin·m per 32-value sub-block, q 4 or 5 bits.
+trait K4 {
+    fn head(&self) -> (f16, f16, &[u8; K_SCALE_SIZE]);
+    /// Values 64j..64j+32 and 64j+32..64j+64 as unsigned bytes.
+    unsafe fn values(&self, j: usize) -> (__m256i, __m256i);
 }
 
-/// One Q4_K row against `N` tokens' activations: each weight block is unpacked once.
+impl K4 for BlockQ4K {
+    fn head(&self) -> (f16, f16, &[u8; K_SCALE_SIZE]) {
+        (self.d, self.dmin, &self.scales)
+    }
+    #[inline(always)]
+    unsafe fn values(&self, j: usize) -> (__m256i, __m256i) {
+        k4_nibbles(&self.qs, j)
+    }
+}
+
+impl K4 for BlockQ5K {
+    fn head(&self) -> (f16, f16, &[u8; K_SCALE_SIZE]) {
+        (self.d, self.dmin, &self.scales)
+    }
+    #[inline(always)]
+    unsafe fn values(&self, j: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = k4_nibbles(&self.qs, j);
+        let hb = load(self.qh.as_ptr());
+        let sixteen = _mm256_set1_epi8(16);
+        // Bit 2j of qh[l] is the fifth bit of value l of the low half, bit 2j+1 of the high.
+        let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
+        let mh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
+        let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, ml), ml), sixteen);
+        let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, mh), mh), sixteen);
+        (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+    }
+}
+
+/// The low and high nibbles of bytes 32j..32j+32 of `qs` (values 64j.. and 64j+32..).
 #[inline(always)]
-unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
+unsafe fn k4_nibbles(qs: &[u8; QK_K / 2], j: usize) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0xF);
+    let q4 = load(qs.as_ptr().add(32 * j));
+    let lo = _mm256_and_si256(q4, m4);
+    (lo, _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4))
+}
+
+// Each its own function (not inlined into `vec_dot`): one inlining budget per format.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    k4_n::<_, 1>(x, [y])[0]
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    k4_n::<_, 1>(x, [y])[0]
+}
+
+/// One Q4_K / Q5_K row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn k4_n<B: K4, const N: usize>(x: &[B], ys: [&[BlockQ8K]; N]) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
     let mut acc_m = [_mm_setzero_ps(); N];
     for (i, x) in x.iter().enumerate() {
-        let u = k4_unpack(&x.scales);
+        let (d, dmin, scales) = x.head();
+        let u = k4_unpack(scales);
         let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
             u[3] as i32,
             u[2] as i32,
@@ -165,9 +191,10 @@ unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; 
         let mins = _mm256_extracti128_si256::<1>(ms);
         let sc = _mm256_castsi256_si128(ms);
         let sc = _mm256_set_m128i(sc, sc);
-        let (dx, dmx) = (h2f(x.d), h2f(x.dmin));
+        let (dx, dmx) = (h2f(d), h2f(dmin));
         let mut sumi = [_mm256_setzero_si256(); N];
         for t in 0..N {
+            // Σ bsums·mins: pairs of 16-sums are the 32-value sub-block sums (≤ 2·16·127).
             let y = &ys[t][i];
             let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
             let q8s = _mm_hadd_epi16(
@@ -178,9 +205,7 @@ unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; 
             acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmx * y.d), m, acc_m[t]);
         }
         for j in 0..QK_K / 64 {
-            let q4 = load(x.qs.as_ptr().add(32 * j));
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let (lo, hi) = x.values(j);
             let (sl, sh) = (scale(sc, 2 * j), scale(sc, 2 * j + 1));
             for t in 0..N {
                 let q8 = ys[t][i].qs.as_ptr().add(64 * j);
@@ -195,39 +220,6 @@ unsafe fn q4_k_n<const N: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; N]) -> [f32; 
         }
     }
     std::array::from_fn(|t| hsum(acc[t]) - hsum4(acc_m[t]))
-}
-
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(0xF);
-    let sixteen = _mm256_set1_epi8(16);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for (x, y) in x.iter().zip(y) {
-        let (sc, mins) = k4_prep(&x.scales, &y.bsums);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(h2f(x.dmin) * y.d), _mm_cvtepi32_ps(mins), acc_m);
-        let hb = load(x.qh.as_ptr());
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..QK_K / 64 {
-            let q4 = load(x.qs.as_ptr().add(32 * j));
-            // Bit 2j of qh[l] is the fifth bit of value l of the low half, bit 2j+1 of the high.
-            let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
-            let mh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
-            let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, ml), ml), sixteen);
-            let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, mh), mh), sixteen);
-            let ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
-            let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4), hh);
-            let q8l = load(y.qs.as_ptr().add(64 * j) as _);
-            let q8h = load(y.qs.as_ptr().add(64 * j + 32) as _);
-            let pl = _mm256_madd_epi16(scale(sc, 2 * j), _mm256_maddubs_epi16(ql, q8l));
-            let ph = _mm256_madd_epi16(scale(sc, 2 * j + 1), _mm256_maddubs_epi16(qh, q8h));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-        }
-        let d = _mm256_set1_ps(h2f(x.d) * y.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
-    }
-    hsum(acc) - hsum4(acc_m)
 }
 
 // Its own function (not inlined into `vec_dot`): one inlining budget per format.
@@ -294,7 +286,7 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
 }
 
 /// One weight row against four tokens' activations (the prefill matmul's inner step): exactly
-/// the sums of four [`vec_dot`]s (the same bodies, the same order; Q5_K is four single dots).
+/// the sums of four [`vec_dot`]s (the same bodies, the same order).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
@@ -332,7 +324,7 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
 // Each its own function, as the single-token dots.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    q4_k_n(x, ys)
+    k4_n(x, ys)
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
@@ -442,10 +434,9 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
     }
 }
 
-/// Q5_K has no four-token body yet: four single-token dots.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    ys.map(|y| dot_q5_k(x, y))
+    k4_n(x, ys)
 }
 
 // ---------------------------------------------------------------- activation quantizers
