@@ -228,15 +228,25 @@ unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     q6_k_n::<1>(x, [y])[0]
 }
 
-/// One Q6_K row against `N` tokens' activations: each weight block is unpacked once.
+/// One Q6_K row against `N` tokens' activations: each weight block is unpacked once. Values
+/// are multiplied as stored (q + 32, unsigned for `vpmaddubsw`); the 32·Σ sc·q8 this adds is
+/// taken off once per super-block from the activations' 16-value sums (`bsums`).
 #[inline(always)]
 unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
-    let m32 = _mm256_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, x) in x.iter().enumerate() {
         let mut sumi = [_mm256_setzero_si256(); N];
+        // Σ sc·bsum over the 16 sub-blocks (|Σ| ≤ 16·128·16·127, far inside i32).
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
+        for t in 0..N {
+            let bs = _mm256_loadu_si256(ys[t][i].bsums.as_ptr() as *const __m256i);
+            sumi[t] = _mm256_sub_epi32(
+                sumi[t],
+                _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)),
+            );
+        }
         for j in 0..2 {
             let b1 = load(x.ql.as_ptr().add(64 * j));
             let b2 = load(x.ql.as_ptr().add(64 * j + 32));
@@ -267,11 +277,8 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
                 let sc = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
                 for t in 0..N {
                     let q8 = load(ys[t][i].qs.as_ptr().add(128 * j + 32 * k) as _);
-                    // (q + 32)·q8 - 32·q8, pairwise in i16 (≤ 2·63·127 and 2·32·127).
-                    let p = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(qk, q8),
-                        _mm256_maddubs_epi16(m32, q8),
-                    );
+                    // (q + 32)·q8 pairwise in i16: ≤ 2·63·127.
+                    let p = _mm256_maddubs_epi16(qk, q8);
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, p));
                 }
             }

@@ -146,17 +146,17 @@ pub(super) struct Group {
     corr: [i32; 4],
     /// Q8_1's s of each block.
     s: [f32; 4],
-    /// Each block's 32 values (a zero block past the row's end).
-    qs: [*const i8; 4],
+    /// Each block's 32 values, copied here (zeros past the row's end): one aligned load per
+    /// block at a fixed offset, where pointers into the 34-byte blocks cost a load more.
+    qs: [[i8; QK]; 4],
 }
 
 const EMPTY: Group = Group {
     dy: [0.0; 8],
     corr: [0; 4],
     s: [0.0; 4],
-    qs: [std::ptr::null(); 4],
+    qs: [[0; QK]; 4],
 };
-static ZERO: [i8; QK] = [0; QK];
 
 thread_local! {
     /// Prepared activations; grows to the largest call seen.
@@ -164,12 +164,11 @@ thread_local! {
 }
 
 /// `y` (one token's row of blocks) as groups of four in `out` (`y.len().div_ceil(4)` of
-/// them); blocks past the end have zero scales and point at zeros.
+/// them); blocks past the end have zero scales and values.
 fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
     debug_assert_eq!(out.len(), y.len().div_ceil(4));
     for (out, y) in out.iter_mut().zip(y.chunks(4)) {
         let mut g = EMPTY;
-        g.qs = [ZERO.as_ptr(); 4];
         for (j, b) in y.iter().enumerate() {
             let d = b.d().to_f32();
             g.dy[j] = d;
@@ -178,7 +177,7 @@ fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
                 g.corr[j] = offset * b.qs().iter().map(|&q| q as i32).sum::<i32>();
             }
             g.s[j] = b.s().to_f32();
-            g.qs[j] = b.qs().as_ptr();
+            g.qs[j] = *b.qs();
         }
         *out = g;
     }
@@ -259,7 +258,7 @@ unsafe fn step<B: Legacy, const N: usize>(
         let gr = &ys[t][g];
         let mut p = [_mm256_setzero_si256(); 4];
         for j in 0..4 {
-            let y = load(gr.qs[j] as *const u8);
+            let y = _mm256_load_si256(gr.qs[j].as_ptr() as *const __m256i);
             let y = if B::SIGNED {
                 _mm256_sign_epi8(y, q[j])
             } else {
