@@ -623,3 +623,148 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         mull::matmul_tile(w, a, n, out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64: random bits for blocks.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn bytes<const N: usize>(&mut self) -> [u8; N] {
+            std::array::from_fn(|_| self.next() as u8)
+        }
+        /// A finite scale of either sign, of the size real files hold.
+        fn scale(&mut self) -> f16 {
+            let v = (1 + self.next() % 1000) as f32 * 1e-5;
+            f16::from_f32(if self.next() & 1 == 1 { -v } else { v })
+        }
+        fn f32s(&mut self, n: usize) -> Vec<f32> {
+            (0..n)
+                .map(|_| (self.next() % 20001) as f32 / 1e4 - 1.0)
+                .collect()
+        }
+    }
+
+    /// The two bodies give the same bits through all four entry points, every format (the
+    /// tier tests check the body this CPU runs against the oracle; this checks the other).
+    #[test]
+    fn plain_body_equals_dotprod_body_bit_for_bit() {
+        if !has_dotprod() {
+            eprintln!("no dotprod on this CPU: only the plain body runs here");
+            return;
+        }
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let nb = 5 * 3;
+        macro_rules! blocks {
+            ($v:ident, $b:expr) => {{
+                let v: Vec<_> = (0..nb).map(|_| $b).collect();
+                check(&mut r, Weights::$v(&v));
+            }};
+        }
+        blocks!(
+            Q8_0,
+            BlockQ8_0 {
+                d: r.scale(),
+                qs: r.bytes().map(|b| b as i8)
+            }
+        );
+        blocks!(
+            Q4_0,
+            BlockQ4_0 {
+                d: r.scale(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q5_0,
+            BlockQ5_0 {
+                d: r.scale(),
+                qh: r.bytes(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q4_1,
+            BlockQ4_1 {
+                d: r.scale(),
+                m: r.scale(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q5_1,
+            BlockQ5_1 {
+                d: r.scale(),
+                m: r.scale(),
+                qh: r.bytes(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q4K,
+            BlockQ4K {
+                d: r.scale(),
+                dmin: r.scale(),
+                scales: r.bytes(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q5K,
+            BlockQ5K {
+                d: r.scale(),
+                dmin: r.scale(),
+                scales: r.bytes(),
+                qh: r.bytes(),
+                qs: r.bytes()
+            }
+        );
+        blocks!(
+            Q6K,
+            BlockQ6K {
+                ql: r.bytes(),
+                qh: r.bytes(),
+                scales: r.bytes().map(|b| b as i8),
+                d: r.scale()
+            }
+        );
+    }
+
+    /// `w` as 5 rows of 3 blocks, against 6 tokens.
+    fn check(r: &mut Rng, w: Weights<'_>) {
+        let (rows, n, f) = (5, 6, w.format());
+        let cols = w.len() / rows;
+        let x = r.f32s(n * cols);
+        let mut buf = ActBuf::new();
+        let a = buf.quantize(f.act_format().unwrap(), &x);
+        let tok = |t: usize| a.slice(t * cols, (t + 1) * cols);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (row, name) = (w.row(1, cols), f.name());
+        // SAFETY: the caller checked the CPU has dotprod, and NEON is in every AArch64 CPU.
+        unsafe {
+            assert_eq!(
+                sdot::vec_dot(row, tok(2)).to_bits(),
+                mull::vec_dot(row, tok(2)).to_bits(),
+                "{name} vec_dot"
+            );
+            let a4 = [tok(0), tok(1), tok(2), tok(3)];
+            let (s4, m4) = (sdot::vec_dot4(row, a4), mull::vec_dot4(row, a4));
+            assert_eq!(bits(&s4), bits(&m4), "{name} vec_dot4");
+            let (mut ys, mut ym) = (vec![0f32; rows], vec![0f32; rows]);
+            sdot::matvec_rows(w, tok(5), &mut ys);
+            mull::matvec_rows(w, tok(5), &mut ym);
+            assert_eq!(bits(&ys), bits(&ym), "{name} matvec_rows");
+            let (mut ts, mut tm) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+            sdot::matmul_tile(w, a, n, &mut ts);
+            mull::matmul_tile(w, a, n, &mut tm);
+            assert_eq!(bits(&ts), bits(&tm), "{name} matmul_tile");
+        }
+    }
+}
