@@ -10,8 +10,8 @@
 //! The entry points pick one per call (`has_dotprod`). Both form the same exact integer sum per
 //! block (which lane holds which product differs, but the lanes are reduced in integers before
 //! any float work), and then run the same float operations, so they agree bit for bit (a unit
-//! test below checks it). No product can overflow: i8 × i8 ≤ 2^14 in i16 (`SMULL`), and every
-//! i32 sum is far below 2^31 (the largest, a Q4_K super-block, is ≤ 8·63·32·15·128 < 2^25).
+//! test below checks it). Nothing can overflow: i8 × i8 ≤ 2^14 in i16 (`SMULL`), and every
+//! i32 sum is far below 2^31 (the largest, a Q6_K super-block, is ≤ 16·128·16·32·128 = 2^27).
 //!
 //! `vdotq_s32` is not stable Rust (1.95; `stdarch_neon_dotprod`), so `SDOT` is inline `asm!`.
 
