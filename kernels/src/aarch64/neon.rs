@@ -102,8 +102,6 @@ impl Simd for Neon {
     }
 }
 
-// Block formats: the oracle's integer dots (`quant::scalar::vec_dot`, the macro's default)
-// for now. TODO: a NEON body (`vdotq_s32` where the CPU has dotprod, as ggml's arm quants.c).
 crate::simd::tier_table!(TABLE {
     simd: Neon,
     attr: target_feature(enable = "neon"),
@@ -111,4 +109,10 @@ crate::simd::tier_table!(TABLE {
     packed_tile: (8, 2),
     bf16_matmul: None,
     bf16_burn: None,
+    // SAFETY: this table is only handed out where the CPU has NEON; the bodies check for
+    // dotprod themselves (`quant::neon`).
+    quant_dot: |w, a| unsafe { crate::quant::neon::vec_dot(w, a) },
+    quant_dot4: |w, a| unsafe { crate::quant::neon::vec_dot4(w, a) },
+    quant_rows: |w, a, y| unsafe { crate::quant::neon::matvec_rows(w, a, y) },
+    quant_tile: |w, a, n, o| unsafe { crate::quant::neon::matmul_tile(w, a, n, o) },
 });

@@ -428,6 +428,8 @@ impl ActBuf {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 pub mod scalar;
 
 /// Whether the AVX2 quantizers can run (std caches the detection).
