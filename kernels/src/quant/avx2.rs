@@ -242,10 +242,8 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
         for t in 0..N {
             let bs = _mm256_loadu_si256(ys[t][i].bsums.as_ptr() as *const __m256i);
-            sumi[t] = _mm256_sub_epi32(
-                sumi[t],
-                _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)),
-            );
+            sumi[t] =
+                _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)));
         }
         for j in 0..2 {
             let b1 = load(x.ql.as_ptr().add(64 * j));
@@ -337,6 +335,28 @@ unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
 unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
     q6_k_n(x, ys)
 }
+/// Concurrent read streams of decode's matvec per thread.
+const STREAMS: usize = 2;
+
+/// `out[r] = dot(r)` for every row, the rows cut into `STREAMS` contiguous segments computed
+/// in turn (row i of each, then row i + 1 of each): several sequential streams through memory,
+/// which the prefetchers follow side by side. On Zen 3 (2 threads, TinyLlama Q4_0) one stream
+/// per thread decoded 17.3 tok/s, two 18.7, four 17.9 (means of four interleaved runs; a
+/// standalone Q4_0/Q4_K matvec from DRAM read 11-12 GB/s with one, 13-14 with two to four).
+/// Adjacent rows interleaved would instead be short streams the prefetchers lose.
+#[inline(always)]
+unsafe fn streams(rows: usize, mut dot: impl FnMut(usize) -> f32, out: &mut [f32]) {
+    let seg = rows.div_ceil(STREAMS);
+    for i in 0..seg {
+        for s in 0..STREAMS {
+            let r = s * seg + i;
+            if r < rows {
+                out[r] = dot(r);
+            }
+        }
+    }
+}
+
 /// `y[r]` = row `r` of `w` (rows of `a.len()` values) dotted with `a`: decode's matvec
 /// rows, the formats matched once for all of them.
 ///
@@ -349,9 +369,7 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
         ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
             let bpr = $a.len();
             if bpr > 0 {
-                for (y, w) in $y.iter_mut().zip($w.chunks_exact(bpr)) {
-                    *y = $dot(w, $a);
-                }
+                streams($y.len(), |r| $dot(&$w[r * bpr..(r + 1) * bpr], $a), $y);
             } else {
                 $y.fill(0.0);
             }

@@ -369,9 +369,11 @@ pub(super) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], out: &mut [f32]) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_with<B: Legacy>(w: &[B], bpr: usize, g: &[Group], out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(w.chunks_exact(bpr)) {
-        *o = dot_n::<B, 1>(x, [g])[0];
-    }
+    super::streams(
+        out.len(),
+        |r| dot_n::<B, 1>(&w[r * bpr..(r + 1) * bpr], [g])[0],
+        out,
+    )
 }
 
 /// `matmul_tile` for a legacy format: `out` (n, rows) = the n token rows of `a` × the rows of
