@@ -292,7 +292,11 @@ impl Engine {
         self.berts.get_or_load(name, || {
             let dir = self.registry.join(name);
             if !looks_like_bert(&dir) {
-                return Err(Error::ModelNotSupported);
+                return Err(Error::not_supported(format!(
+                    "{} is not a sentence-embedding model (a BERT folder with tokenizer.json \
+                     and model.safetensors)",
+                    dir.display()
+                )));
             }
             let model = BertModel::load(&dir)?;
             self.loads.fetch_add(1, Ordering::SeqCst);

@@ -147,7 +147,10 @@ pub struct EmbeddingsResult {
 /// The Spin `error` variant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
-    ModelNotSupported,
+    /// Spin's `model-not-supported`, which carries no text over the WIT; the reason (which
+    /// tensor has which unsupported type, why a folder is no embedding model) is for logs,
+    /// the CLI and the server's error body.
+    ModelNotSupported(String),
     RuntimeError(RuntimeError),
     InvalidInput(String),
 }
@@ -181,7 +184,7 @@ impl Error {
     /// The variant's name as the WIT spells it.
     pub fn variant(&self) -> &'static str {
         match self {
-            Error::ModelNotSupported => "model-not-supported",
+            Error::ModelNotSupported(_) => "model-not-supported",
             Error::RuntimeError(_) => "runtime-error",
             Error::InvalidInput(_) => "invalid-input",
         }
@@ -195,15 +198,28 @@ impl Error {
         }
     }
 
-    /// The message of a `runtime-error` or `invalid-input` (none for `model-not-supported`).
+    /// The message of a `runtime-error` or `invalid-input` (none for `model-not-supported`,
+    /// whose WIT variant has no text; see [`Error::reason`]).
     pub fn message(&self) -> Option<&str> {
         match self {
-            Error::ModelNotSupported => None,
+            Error::ModelNotSupported(_) => None,
             Error::RuntimeError(r) => Some(&r.message),
             Error::InvalidInput(m) => Some(m),
         }
     }
 
+    /// What went wrong, in words, for every variant (a `model-not-supported`'s reason too).
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::ModelNotSupported(r) => r,
+            Error::RuntimeError(r) => &r.message,
+            Error::InvalidInput(m) => m,
+        }
+    }
+
+    pub(crate) fn not_supported(reason: impl Into<String>) -> Error {
+        Error::ModelNotSupported(reason.into())
+    }
     pub(crate) fn with_cause(cause: Cause, msg: impl Into<String>) -> Error {
         Error::RuntimeError(RuntimeError {
             cause,
@@ -230,7 +246,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::ModelNotSupported => f.write_str("model-not-supported"),
+            Error::ModelNotSupported(r) => write!(f, "model-not-supported: {r}"),
             Error::RuntimeError(r) => write!(f, "runtime-error: {}", r.message),
             Error::InvalidInput(m) => write!(f, "invalid-input: {m}"),
         }

@@ -569,9 +569,31 @@ fn unsupported_ggml_types_name_the_tensor_and_type() {
             msg.contains("\"w\"") && msg.contains(name) && msg.contains("test.gguf"),
             "{msg}"
         );
-        // Spin's model-not-supported.
-        assert_eq!(spinfer::Error::from(e), spinfer::Error::ModelNotSupported);
+        // Spin's model-not-supported, still naming the tensor and the type.
+        assert_eq!(
+            spinfer::Error::from(e),
+            spinfer::Error::ModelNotSupported(msg.clone())
+        );
     }
+}
+
+#[test]
+fn an_engine_reports_the_unsupported_tensor_to_its_caller() {
+    // Item 5: the reason must reach whoever called infer (the CLI prints it, the server puts
+    // it in the error body), not only the loader's own error.
+    let tmp = TempDir::new("unsupported");
+    std::fs::create_dir_all(tmp.0.join("llama/iq")).unwrap();
+    tmp.write(
+        "llama/iq/model.gguf",
+        &Builder::valid().edit(1, |t| t.ty = 16).bytes(),
+    );
+    let e = spinfer::Engine::new(&tmp.0).infer("iq", "hi").unwrap_err();
+    assert_eq!(e.variant(), "model-not-supported");
+    let r = e.reason();
+    assert!(
+        r.contains("\"w\"") && r.contains("IQ2_XXS") && r.contains("model.gguf"),
+        "{r}"
+    );
 }
 
 // ---- finding weights in a folder, split files ----------------------------------------------------

@@ -174,10 +174,10 @@ impl From<spinfer::Error> for Failure {
                     .with_openai("invalid_request_error", "model_not_found")
             }
             Error::InvalidInput(m) => Failure::bad_request(m.clone()),
-            Error::ModelNotSupported => Failure::new(
+            Error::ModelNotSupported(r) => Failure::new(
                 StatusCode::BAD_REQUEST,
                 "model-not-supported",
-                "model-not-supported: this model cannot serve this kind of request",
+                format!("model-not-supported: {r}"),
             )
             .with_openai("invalid_request_error", "model_not_supported"),
             Error::RuntimeError(r) if r.cause == Cause::Overloaded => {

@@ -62,12 +62,12 @@ impl fmt::Display for GgufError {
 
 impl std::error::Error for GgufError {}
 
-/// Spin's error: an unsupported type is `model-not-supported` (which carries no message, so a
-/// caller that wants to log why should keep the `GgufError`), anything else a runtime error.
+/// Spin's error: an unsupported type is `model-not-supported` (its reason names the file, the
+/// tensor and the type), anything else a runtime error.
 impl From<GgufError> for crate::Error {
     fn from(e: GgufError) -> crate::Error {
         match e.kind {
-            GgufErrorKind::Unsupported => crate::Error::ModelNotSupported,
+            GgufErrorKind::Unsupported => crate::Error::not_supported(e.message),
             GgufErrorKind::Invalid => crate::Error::runtime(e.message),
         }
     }

@@ -207,7 +207,7 @@ macro_rules! host_impl {
 macro_rules! error {
     ($m:ident, $e:expr) => {
         match $e {
-            Error::ModelNotSupported => $m::Error::ModelNotSupported,
+            Error::ModelNotSupported(_) => $m::Error::ModelNotSupported,
             Error::RuntimeError(r) => $m::Error::RuntimeError(r.message),
             Error::InvalidInput(m) => $m::Error::InvalidInput(m),
         }

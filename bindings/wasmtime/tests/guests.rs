@@ -147,7 +147,7 @@ fn expected_text(r: spinfer::Result<spinfer::InferencingResult>) -> String {
 
 fn expected_error(e: spinfer::Error) -> String {
     match e {
-        spinfer::Error::ModelNotSupported => "err model-not-supported".to_string(),
+        spinfer::Error::ModelNotSupported(_) => "err model-not-supported".to_string(),
         spinfer::Error::RuntimeError(r) => format!("err runtime-error: {}", r.message),
         spinfer::Error::InvalidInput(m) => format!("err invalid-input: {m}"),
     }
