@@ -183,38 +183,47 @@ fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
     }
 }
 
+/// The first four bytes of a block: d, and m for the MIN formats (asserted above; every block
+/// is at least 18 bytes).
 #[inline(always)]
-unsafe fn rd16(p: *const u8) -> u64 {
-    (p as *const u16).read_unaligned() as u64
+unsafe fn head<B: Legacy>(b: &B) -> u64 {
+    // SAFETY: the four bytes lie inside `*b` (see above); unaligned read, any bits are valid.
+    (b as *const B as *const u32).read_unaligned() as u64
 }
 
+/// Four blocks' d as f32 twice over ([d0..d3 | d0..d3], the folded sums' layout), and their m
+/// (MIN formats; zero otherwise), from their [`head`]s.
 #[inline(always)]
-unsafe fn rd32(p: *const u8) -> u64 {
-    (p as *const u32).read_unaligned() as u64
-}
-
-/// The four blocks' d as f32 twice over ([d0..d3 | d0..d3], the folded sums' layout), and
-/// their m (MIN formats; zero otherwise).
-#[inline(always)]
-unsafe fn scales<B: Legacy>(x: &[B; 4]) -> (__m256, __m128) {
-    let p = x.as_ptr() as *const u8;
-    let n = size_of::<B>();
-    // SAFETY (reads): every block begins with d and, for MIN formats, m (two f16, asserted
-    // above); blocks are at least 18 bytes.
+unsafe fn scales<B: Legacy>(h: [u64; 4]) -> (__m256, __m128) {
     if B::MIN {
-        let lo = rd32(p) | rd32(p.add(n)) << 32;
-        let hi = rd32(p.add(2 * n)) | rd32(p.add(3 * n)) << 32;
         // [d0 m0 d1 m1 d2 m2 d3 m3]
-        let f = _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64));
+        let f = _mm256_cvtph_ps(_mm_set_epi64x(
+            (h[2] | h[3] << 32) as i64,
+            (h[0] | h[1] << 32) as i64,
+        ));
         let d = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
         let m = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7));
         (d, _mm256_castps256_ps128(m))
     } else {
-        let h =
-            rd16(p) | rd16(p.add(n)) << 16 | rd16(p.add(2 * n)) << 32 | rd16(p.add(3 * n)) << 48;
+        let m16 = 0xffff;
+        let h = (h[0] & m16) | (h[1] & m16) << 16 | (h[2] & m16) << 32 | (h[3] & m16) << 48;
         let d = _mm_cvtph_ps(_mm_cvtsi64_si128(h as i64));
         (_mm256_set_m128(d, d), _mm_setzero_ps())
     }
+}
+
+/// A group's values and scales: four blocks, or the 1..=3 at a row's end with zero values
+/// and scales in place of the missing ones (they add nothing).
+#[inline(always)]
+unsafe fn unpack<B: Legacy>(x: &[B]) -> ([__m256i; 4], __m256, __m128) {
+    let mut q = [_mm256_setzero_si256(); 4];
+    let mut h = [0u64; 4];
+    for (j, b) in x.iter().enumerate().take(4) {
+        q[j] = b.values();
+        h[j] = head(b);
+    }
+    let (d, m) = scales::<B>(h);
+    (q, d, m)
 }
 
 /// Four blocks' eight i32 partial sums each → [P0, P1, P2, P3] in each 128-bit lane (the low
@@ -233,16 +242,17 @@ unsafe fn fold4(p: [__m256i; 4]) -> __m256i {
     _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
 }
 
-/// Blocks 4g..4g+4 of one weight row (`x`) against `N` tokens' groups `g`.
+/// Blocks 4g..4g+4 of one weight row (`x`: 4 blocks, or fewer at the row's end) against `N`
+/// tokens' groups `g`.
 #[inline(always)]
 unsafe fn step<B: Legacy, const N: usize>(
-    x: &[B; 4],
+    x: &[B],
     ys: [&[Group]; N],
     g: usize,
     acc: &mut [__m256; N],
     accm: &mut [__m128; N],
 ) {
-    let q = [x[0].values(), x[1].values(), x[2].values(), x[3].values()];
+    let (q, d, m) = unpack(x);
     let u = if B::SIGNED {
         [
             _mm256_sign_epi8(q[0], q[0]),
@@ -253,7 +263,6 @@ unsafe fn step<B: Legacy, const N: usize>(
     } else {
         q
     };
-    let (d, m) = scales(x);
     for t in 0..N {
         let gr = &ys[t][g];
         let mut p = [_mm256_setzero_si256(); 4];
@@ -280,7 +289,7 @@ unsafe fn step<B: Legacy, const N: usize>(
 }
 
 /// One weight row `x` against `N` tokens' prepared activations: four blocks per step, then
-/// the last `x.len() % 4` blocks beside zero blocks (zero scales and values add nothing).
+/// the last `x.len() % 4`.
 #[inline(always)]
 unsafe fn dot_n<B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
@@ -290,10 +299,7 @@ unsafe fn dot_n<B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; 
         step::<B, N>(x4, ys, g, &mut acc, &mut accm);
     }
     if !rest.is_empty() {
-        // SAFETY: blocks are f16 and integer arrays, for which all-zero bytes are valid.
-        let mut pad: [B; 4] = core::mem::zeroed();
-        pad[..rest.len()].copy_from_slice(rest);
-        step::<B, N>(&pad, ys, full.len(), &mut acc, &mut accm);
+        step::<B, N>(rest, ys, full.len(), &mut acc, &mut accm);
     }
     let mut out = [0.0; N];
     for t in 0..N {
