@@ -262,6 +262,12 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
                 _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)));
         }
         for j in 0..2 {
+            // Scales 8j..8j+8 as i16 in both lanes, for one `vpshufb` per quarter below.
+            let sch = if j == 0 {
+                _mm256_permute4x64_epi64::<0x44>(sc16)
+            } else {
+                _mm256_permute4x64_epi64::<0xEE>(sc16)
+            };
             let b1 = load(x.ql.as_ptr().add(64 * j));
             let b2 = load(x.ql.as_ptr().add(64 * j + 32));
             let bh = load(x.qh.as_ptr().add(32 * j));
@@ -285,10 +291,15 @@ unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; 
                 ),
             ];
             for (k, &qk) in q.iter().enumerate() {
-                // Values 0..15 of the quarter use one scale, 16..31 the next.
-                let s0 = x.scales[8 * j + 2 * k] as i16;
-                let s1 = x.scales[8 * j + 2 * k + 1] as i16;
-                let sc = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                // Values 0..15 of the quarter use scale 8j+2k (low lane), 16..31 the next.
+                let (b0, b1) = ((4 * k) as i16, (4 * k + 2) as i16);
+                let sc = _mm256_shuffle_epi8(
+                    sch,
+                    _mm256_set_m128i(
+                        _mm_set1_epi16(b1 | (b1 + 1) << 8),
+                        _mm_set1_epi16(b0 | (b0 + 1) << 8),
+                    ),
+                );
                 for t in 0..N {
                     let q8 = load(ys[t][i].qs.as_ptr().add(128 * j + 32 * k) as _);
                     // (q + 32)·q8 pairwise in i16: ≤ 2·63·127.
