@@ -66,8 +66,10 @@ unsafe fn load(p: *const u8) -> __m256i {
 /// 32 nibbles → 32 bytes: the low nibbles of the 16 bytes, then their high nibbles.
 #[inline(always)]
 unsafe fn nibbles(p: &[u8; 16]) -> __m256i {
-    let t = _mm_loadu_si128(p.as_ptr() as *const __m128i);
-    let b = _mm256_set_m128i(_mm_srli_epi16::<4>(t), t);
+    // The 16 bytes in both lanes (a load), the high lane shifted right by 4: one shift where a
+    // shift and an insert were.
+    let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.as_ptr() as *const __m128i));
+    let b = _mm256_srlv_epi64(t, _mm256_set_epi64x(4, 4, 0, 0));
     _mm256_and_si256(b, _mm256_set1_epi8(0xF))
 }
 
