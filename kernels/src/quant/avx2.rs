@@ -7,7 +7,7 @@
 //! Which path runs where:
 //! - decode (one token): [`matvec_rows`], each row a dot product; the rows of a thread's block
 //!   are read as [`STREAMS`] interleaved sequential streams (memory, not arithmetic, bounds it);
-//! - prefill and decode batches: [`matmul_tile`], tiles of [`TILE_ROWS`] weight rows passed
+//! - prefill and decode batches: [`matmul_tile`], tiles of `TILE_ROWS` weight rows passed
 //!   four tokens at a time (each block unpacked once for the four);
 //! - the legacy formats (`avx2/legacy.rs`) fold four blocks' sums into one vector before the
 //!   f32 work; the k-quants scale their sub-blocks in the integer `vpmaddwd` and do the f32
@@ -422,14 +422,8 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     }
 }
 
-/// Weight rows per tile of the prefill matmul: 16 rows of 2048 Q8_0 values (34 KiB) stay in
-/// L1/L2 while every token group passes over them.
-const TILE_ROWS: usize = 16;
-
-/// `out` (n, rows) = `a` (n tokens) × the rows of `w`: the prefill matmul, in tiles of
-/// `TILE_ROWS` rows, each passed four tokens at a time through the `dot4` bodies (each weight
-/// block unpacked once for the four; the tile's rows stay in cache across the token groups),
-/// the last n mod 4 one at a time.
+/// `out` (n, rows) = `a` (n tokens) × the rows of `w`: the prefill matmul, in the order of
+/// [`tile_loop`] through the `dot4` and single-token bodies.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
@@ -447,29 +441,16 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
     macro_rules! go {
         ($w:expr, $a:expr, $one:ident, $four:ident) => {{
             let bpr = $a.len() / n;
-            let rows = $w.len() / bpr;
-            let at = |t: usize| &$a[t * bpr..(t + 1) * bpr];
-            for r0 in (0..rows).step_by(TILE_ROWS) {
-                let r1 = (r0 + TILE_ROWS).min(rows);
-                let tile = &$w[r0 * bpr..r1 * bpr];
-                let mut t = 0;
-                while t + 4 <= n {
-                    let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
-                    for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
-                        let v = $four(w, ys);
-                        for i in 0..4 {
-                            out[(t + i) * rows + r] = v[i];
-                        }
-                    }
-                    t += 4;
-                }
-                for t in t..n {
-                    let y = at(t);
-                    for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
-                        out[t * rows + r] = $one(w, y);
-                    }
-                }
-            }
+            tile_loop(
+                $w,
+                bpr,
+                n,
+                out,
+                |t| &$a[t * bpr..(t + 1) * bpr],
+                // SAFETY: this function's contract (AVX2, FMA, F16C).
+                |x, y| unsafe { $one(x, y) },
+                |x, ys| unsafe { $four(x, ys) },
+            )
         }};
     }
     match (w, a) {

@@ -426,6 +426,46 @@ impl ActBuf {
     }
 }
 
+/// Weight rows per tile of the prefill matmul: 16 rows of 2048 Q8_0 values (34 KiB) stay in
+/// cache while every token group passes over them.
+pub(crate) const TILE_ROWS: usize = 16;
+
+/// The prefill tile's loop order, shared by the tiers' `matmul_tile`: `out` (n, rows) for the
+/// rows of `w` (`bpr` blocks each), in tiles of [`TILE_ROWS`] rows, each passed four tokens at
+/// a time (`four`: each weight block unpacked once for the four), then the last n mod 4 one at
+/// a time (`one`). Token t's activations are `at(t)`.
+#[inline(always)]
+pub(crate) fn tile_loop<'a, W, A: ?Sized + 'a>(
+    w: &[W],
+    bpr: usize,
+    n: usize,
+    out: &mut [f32],
+    at: impl Fn(usize) -> &'a A,
+    mut one: impl FnMut(&[W], &'a A) -> f32,
+    mut four: impl FnMut(&[W], [&'a A; 4]) -> [f32; 4],
+) {
+    let rows = out.len() / n;
+    for r0 in (0..rows).step_by(TILE_ROWS) {
+        let tile = &w[r0 * bpr..(r0 + TILE_ROWS).min(rows) * bpr];
+        let mut t = 0;
+        while t + 4 <= n {
+            let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+            for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
+                for (i, v) in four(x, ys).into_iter().enumerate() {
+                    out[(t + i) * rows + r] = v;
+                }
+            }
+            t += 4;
+        }
+        for t in t..n {
+            let y = at(t);
+            for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
+                out[t * rows + r] = one(x, y);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "aarch64")]

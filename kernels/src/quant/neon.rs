@@ -520,30 +520,16 @@ macro_rules! body {
                 macro_rules! go {
                     ($w:expr, $a:expr, $dot:ident) => {{
                         let bpr = $a.len() / n;
-                        let rows = $w.len() / bpr;
-                        let at = |t: usize| &$a[t * bpr..(t + 1) * bpr];
-                        // Tiles of 16 rows stay in cache while every token group passes
-                        // (the caller hands over a thread's whole chunk of rows).
-                        for r0 in (0..rows).step_by(16) {
-                            let tile = &$w[r0 * bpr..(r0 + 16).min(rows) * bpr];
-                            let mut t = 0;
-                            while t + 4 <= n {
-                                let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
-                                for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
-                                    let v = $dot(w, ys);
-                                    for i in 0..4 {
-                                        out[(t + i) * rows + r] = v[i];
-                                    }
-                                }
-                                t += 4;
-                            }
-                            for t in t..n {
-                                let y = at(t);
-                                for (r, w) in (r0..).zip(tile.chunks_exact(bpr)) {
-                                    out[t * rows + r] = $dot(w, [y])[0];
-                                }
-                            }
-                        }
+                        tile_loop(
+                            $w,
+                            bpr,
+                            n,
+                            out,
+                            |t| &$a[t * bpr..(t + 1) * bpr],
+                            // SAFETY: this body's target features (the caller checked them).
+                            |x, y| unsafe { $dot(x, [y])[0] },
+                            |x, ys| unsafe { $dot(x, ys) },
+                        )
                     }};
                 }
                 match (w, a) {

@@ -413,27 +413,13 @@ unsafe fn tile_with<B: Legacy>(
     ng: usize,
     out: &mut [f32],
 ) {
-    let rows = out.len() / n;
-    let at = |t: usize| &g[t * ng..(t + 1) * ng];
-    for r0 in (0..rows).step_by(super::TILE_ROWS) {
-        let r1 = (r0 + super::TILE_ROWS).min(rows);
-        let tile = &w[r0 * bpr..r1 * bpr];
-        let mut t = 0;
-        while t + 4 <= n {
-            let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
-            for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
-                let v = dot_n::<B, 4>(x, ys);
-                for (i, v) in v.into_iter().enumerate() {
-                    out[(t + i) * rows + r] = v;
-                }
-            }
-            t += 4;
-        }
-        for t in t..n {
-            let y = at(t);
-            for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
-                out[t * rows + r] = dot_n::<B, 1>(x, [y])[0];
-            }
-        }
-    }
+    tile_loop(
+        w,
+        bpr,
+        n,
+        out,
+        |t| &g[t * ng..(t + 1) * ng],
+        |x, y| dot_n::<B, 1>(x, [y])[0],
+        |x, ys| dot_n::<B, 4>(x, ys),
+    )
 }
