@@ -379,13 +379,14 @@ fn matmul_matches_oracle_every_tier() {
 fn matmul_token_rows_equal_matvec_bit_for_bit() {
     // Batch invariance (issue 12): a token's outputs must not depend on how many tokens share
     // the product, or a batched request could sample differently than it would alone. The
-    // single-token dots are the multi-token bodies with N = 1, so this holds exactly.
+    // single-token dots are the multi-token bodies with N = 1, so this holds exactly; 13 and
+    // 16 tokens pass through the eight- and four-token groups of the k-quant tiles.
     let mut rng = Rng(11);
     for f in block_formats() {
         let cols = if f.block_len() == 256 { 512 } else { 96 };
         let rows = 37;
         let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
-        for n in [1, 3, 4, 9] {
+        for n in [1, 3, 4, 9, 13, 16] {
             let x = acts_x(&mut rng, n * cols);
             for k in tiers() {
                 let mut y = vec![f32::NAN; n * rows];

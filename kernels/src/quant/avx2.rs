@@ -8,17 +8,24 @@
 //! - decode (one token): [`matvec_rows`], each row a dot product; the rows of a thread's block
 //!   are read as [`STREAMS`] interleaved sequential streams (memory, not arithmetic, bounds it);
 //! - prefill and decode batches: [`matmul_tile`], tiles of `TILE_ROWS` weight rows passed
-//!   four tokens at a time (each block unpacked once for the four);
+//!   eight tokens at a time for the k-quants, four for the legacy formats (each block unpacked
+//!   once per group: more tokens amortize the unpacking, and the k-quant bodies keep only one
+//!   token's sums live at a time, so eight cost no spills);
 //! - the legacy formats (`avx2/legacy.rs`) fold four blocks' sums into one vector before the
-//!   f32 work; the k-quants scale their sub-blocks in the integer `vpmaddwd` and do the f32
-//!   work once per 256-value super-block.
+//!   f32 work; the k-quants scale their sub-blocks in the integer `vpmaddwd`, reduce each
+//!   super-block to one exact i32 total per token (eight tokens, or eight super-blocks of one
+//!   token, in one transposing reduction) and then do scalar f32 multiply-adds per token.
+//!   Together (eight tokens, integer totals) these took Q4_K prefill from 82 to 101 GOP/s on
+//!   one Zen 3 thread (64 tokens, six alternating runs each), where four tokens with eight f32
+//!   lanes each spilled registers.
 //!
 //! Both run the integer path. No dequantize-to-float prefill path was built: `vpmaddubsw` +
 //! `vpmaddwd` do 32 multiply-adds in two instructions where an f32 FMA does 8 in one, and on
 //! Zen 3 the f32 tiles on bf16 weights of TinyLlama's shape prefilled 44-74 tok/s, the range
 //! the integer path reaches on Q4_0 (56-57), before any dequantization cost. On AMX machines a
 //! dequantized bf16 tile may win; unmeasured. A token gives the same bits alone or in a batch:
-//! the single-token dots are the multi-token bodies with N = 1.
+//! the single-token dots are the multi-token bodies with N = 1 (k-quants: the same scalar
+//! operations per token, see [`k_epilogue`]).
 //!
 //! `vpmaddubsw` saturates at ±32767; no pair here comes near it: |w| ≤ 128 (Q8_0) or ≤ 63 with
 //! |q8| ≤ 127 (activations never hold -128: every quantizer here maps to -127..=127), so a
@@ -185,139 +192,278 @@ unsafe fn k4_nibbles(qs: &[u8; QK_K / 2], j: usize) -> (__m256i, __m256i) {
 // Each its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    k4_n::<_, 1>(x, [y])[0]
+    k_one(x, y)
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    k4_n::<_, 1>(x, [y])[0]
+    k_one(x, y)
 }
-
-/// One Q4_K / Q5_K row against `N` tokens' activations: each weight block is unpacked once.
-#[inline(always)]
-unsafe fn k4_n<B: K4, const N: usize>(x: &[B], ys: [&[BlockQ8K]; N]) -> [f32; N] {
-    // One accumulator per token: the mins' term goes into its low lanes (a separate one per
-    // token spilled registers in the four-token body, ~10% of Q4_K prefill).
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (i, x) in x.iter().enumerate() {
-        let (d, dmin, scales) = x.head();
-        let u = k4_unpack(scales);
-        let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
-            u[3] as i32,
-            u[2] as i32,
-            u[1] as i32,
-            u[0] as i32,
-        ));
-        let mins = _mm256_extracti128_si256::<1>(ms);
-        let sc = _mm256_castsi256_si128(ms);
-        let sc = _mm256_set_m128i(sc, sc);
-        let (dx, dmx) = (h2f(d), h2f(dmin));
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for t in 0..N {
-            // Σ bsums·mins: pairs of 16-sums are the 32-value sub-block sums (≤ 2·16·127).
-            let y = &ys[t][i];
-            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let q8s = _mm_hadd_epi16(
-                _mm256_castsi256_si128(bs),
-                _mm256_extracti128_si256::<1>(bs),
-            );
-            let m = _mm256_zextps128_ps256(_mm_cvtepi32_ps(_mm_madd_epi16(mins, q8s)));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmx * y.d), m, acc[t]);
-        }
-        for j in 0..QK_K / 64 {
-            let (lo, hi) = x.values(j);
-            let (sl, sh) = (scale(sc, 2 * j), scale(sc, 2 * j + 1));
-            for t in 0..N {
-                let q8 = ys[t][i].qs.as_ptr().add(64 * j);
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load(q8 as _)));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load(q8.add(32) as _)));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
-        }
-        for t in 0..N {
-            let d = _mm256_set1_ps(dx * ys[t][i].d);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-        }
-    }
-    std::array::from_fn(|t| hsum(acc[t]))
-}
-
-// Its own function (not inlined into `vec_dot`): one inlining budget per format.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    q6_k_n::<1>(x, [y])[0]
+    k_one(x, y)
 }
 
-/// One Q6_K row against `N` tokens' activations: each weight block is unpacked once. Values
-/// are multiplied as stored (q + 32, unsigned for `vpmaddubsw`); the 32·Σ sc·q8 this adds is
-/// taken off once per super-block from the activations' 16-value sums (`bsums`).
-#[inline(always)]
-unsafe fn q6_k_n<const N: usize>(x: &[BlockQ6K], ys: [&[BlockQ8K]; N]) -> [f32; N] {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (i, x) in x.iter().enumerate() {
-        let mut sumi = [_mm256_setzero_si256(); N];
-        // Σ sc·bsum over the 16 sub-blocks (|Σ| ≤ 16·128·16·127, far inside i32).
-        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
-        for t in 0..N {
-            let bs = _mm256_loadu_si256(ys[t][i].bsums.as_ptr() as *const __m256i);
-            sumi[t] =
-                _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)));
-        }
-        for j in 0..2 {
-            // Scales 8j..8j+8 as i16 in both lanes, for one `vpshufb` per quarter below.
-            let sch = if j == 0 {
-                _mm256_permute4x64_epi64::<0x44>(sc16)
-            } else {
-                _mm256_permute4x64_epi64::<0xEE>(sc16)
-            };
-            let b1 = load(x.ql.as_ptr().add(64 * j));
-            let b2 = load(x.ql.as_ptr().add(64 * j + 32));
-            let bh = load(x.qh.as_ptr().add(32 * j));
-            // Values 0..63 (the stored q + 32) of the four quarters of this 128.
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(b1, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(b2, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
-                ),
-            ];
-            for (k, &qk) in q.iter().enumerate() {
-                // Values 0..15 of the quarter use scale 8j+2k (low lane), 16..31 the next.
-                let (b0, b1) = ((4 * k) as i16, (4 * k + 2) as i16);
-                let sc = _mm256_shuffle_epi8(
-                    sch,
-                    _mm256_set_m128i(
-                        _mm_set1_epi16(b1 | (b1 + 1) << 8),
-                        _mm_set1_epi16(b0 | (b0 + 1) << 8),
-                    ),
-                );
-                for t in 0..N {
-                    let q8 = load(ys[t][i].qs.as_ptr().add(128 * j + 32 * k) as _);
-                    // (q + 32)·q8 pairwise in i16: ≤ 2·63·127.
-                    let p = _mm256_maddubs_epi16(qk, q8);
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, p));
-                }
+/// A k-quant super-block as the dot products see it: per token, integer sums as eight i32
+/// lanes (exact), then f32 scales once per super-block.
+trait KBlock {
+    /// Whether the format subtracts mins (Q4_K, Q5_K: dmin·Σ min·bsum).
+    const MINS: bool;
+    /// Per token, Σ sc·q·q8 and (formats with mins) Σ min·bsum.
+    unsafe fn sums<const N: usize>(&self, ys: [&BlockQ8K; N]) -> ([__m256i; N], [__m256i; N]);
+    /// d and dmin.
+    unsafe fn scales(&self) -> (f32, f32);
+}
+
+macro_rules! k4_block {
+    ($B:ty) => {
+        impl KBlock for $B {
+            const MINS: bool = true;
+            #[inline(always)]
+            unsafe fn sums<const N: usize>(
+                &self,
+                ys: [&BlockQ8K; N],
+            ) -> ([__m256i; N], [__m256i; N]) {
+                k4_sums(self, ys)
+            }
+            #[inline(always)]
+            unsafe fn scales(&self) -> (f32, f32) {
+                (h2f(self.d), h2f(self.dmin))
             }
         }
-        let dx = h2f(x.d);
+    };
+}
+k4_block!(BlockQ4K);
+k4_block!(BlockQ5K);
+
+impl KBlock for BlockQ6K {
+    const MINS: bool = false;
+    #[inline(always)]
+    unsafe fn sums<const N: usize>(&self, ys: [&BlockQ8K; N]) -> ([__m256i; N], [__m256i; N]) {
+        (q6_sums(self, ys), [_mm256_setzero_si256(); N])
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> (f32, f32) {
+        (h2f(self.d), 0.0)
+    }
+}
+
+/// The totals of eight vectors of eight i32, one per lane (exact: integer adds).
+#[inline(always)]
+unsafe fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    let h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(h0, h1),
+        _mm256_permute2x128_si256::<0x31>(h0, h1),
+    )
+}
+
+/// The total of one vector of eight i32 (exact).
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<1>(s)))
+}
+
+/// Per token, each super-block's integer totals (exact) are scaled and added to one f32
+/// accumulator: `acc = fma(d·dy, Σ, fma(-dmin·dy, Σmin, acc))`. These are the same scalar
+/// operations whether a token runs alone or in a lane beside seven others, so its bits do
+/// not depend on N; eight tokens' totals come from one transposing reduction ([`reduce8`]).
+#[inline(always)]
+unsafe fn k_epilogue<const N: usize>(
+    acc: &mut [f32; N],
+    main: &[__m256i; N],
+    mins: Option<&[__m256i; N]>,
+    (dx, dmx): (f32, f32),
+    yd: &[f32; N],
+) {
+    if N.is_multiple_of(8) {
+        for c in (0..N).step_by(8) {
+            let m: &[__m256i; 8] = main[c..c + 8].try_into().unwrap();
+            let dy = _mm256_loadu_ps(yd[c..].as_ptr());
+            let mut a = _mm256_loadu_ps(acc[c..].as_ptr());
+            if let Some(mins) = mins {
+                let mn: &[__m256i; 8] = mins[c..c + 8].try_into().unwrap();
+                let dm = _mm256_mul_ps(_mm256_set1_ps(-dmx), dy);
+                a = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(reduce8(mn)), a);
+            }
+            let d = _mm256_mul_ps(_mm256_set1_ps(dx), dy);
+            a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(reduce8(m)), a);
+            _mm256_storeu_ps(acc[c..].as_mut_ptr(), a);
+        }
+    } else {
         for t in 0..N {
-            let d = _mm256_set1_ps(dx * ys[t][i].d);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            let dy = yd[t];
+            if let Some(mins) = mins {
+                // Both totals from one reduction: [Σmain, Σmin, Σmain, Σmin].
+                let h = _mm256_hadd_epi32(main[t], mins[t]);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let s = _mm_cvtepi32_ps(_mm_hadd_epi32(s, s));
+                let (sm, sn) = (_mm_cvtss_f32(s), _mm_cvtss_f32(_mm_movehdup_ps(s)));
+                acc[t] = (-dmx * dy).mul_add(sn, acc[t]);
+                acc[t] = (dx * dy).mul_add(sm, acc[t]);
+            } else {
+                acc[t] = (dx * dy).mul_add(hsum_i32(main[t]) as f32, acc[t]);
+            }
         }
     }
-    std::array::from_fn(|t| hsum(acc[t]))
+}
+
+/// One row against one token: the scalar sequence of [`k_epilogue`], with the totals of eight
+/// super-blocks at a time taken by one [`reduce8`] (fewer instructions than a reduction per
+/// super-block, which is what the last `len mod 8` super-blocks get).
+#[inline(always)]
+unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    let mut c0 = 0;
+    while c0 + 8 <= x.len() {
+        let (mut m, mut n) = ([_mm256_setzero_si256(); 8], [_mm256_setzero_si256(); 8]);
+        let (mut dm, mut dn) = ([0f32; 8], [0f32; 8]);
+        for c in 0..8 {
+            let i = c0 + c;
+            let ([sm], [sn]) = x[i].sums([&y[i]]);
+            let (dx, dmx) = x[i].scales();
+            (m[c], n[c], dm[c], dn[c]) = (sm, sn, dx * y[i].d, -dmx * y[i].d);
+        }
+        let (mut tm, mut tn) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(tm.as_mut_ptr(), _mm256_cvtepi32_ps(reduce8(&m)));
+        if B::MINS {
+            _mm256_storeu_ps(tn.as_mut_ptr(), _mm256_cvtepi32_ps(reduce8(&n)));
+        }
+        for c in 0..8 {
+            if B::MINS {
+                acc = dn[c].mul_add(tn[c], acc);
+            }
+            acc = dm[c].mul_add(tm[c], acc);
+        }
+        c0 += 8;
+    }
+    let mut e = [acc];
+    for i in c0..x.len() {
+        let (sm, sn) = x[i].sums([&y[i]]);
+        k_epilogue(
+            &mut e,
+            &sm,
+            B::MINS.then_some(&sn),
+            x[i].scales(),
+            &[y[i].d],
+        );
+    }
+    e[0]
+}
+
+/// One row against `N` tokens' activations: each weight block is unpacked once.
+#[inline(always)]
+unsafe fn k_n<B: KBlock, const N: usize>(x: &[B], ys: [&[BlockQ8K]; N]) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for (i, x) in x.iter().enumerate() {
+        let mut yb = [&ys[0][i]; N];
+        let mut dy = [0f32; N];
+        for t in 0..N {
+            (yb[t], dy[t]) = (&ys[t][i], ys[t][i].d);
+        }
+        let (main, mn) = x.sums(yb);
+        k_epilogue(&mut acc, &main, B::MINS.then_some(&mn), x.scales(), &dy);
+    }
+    acc
+}
+
+/// A Q4_K / Q5_K super-block against `N` tokens' blocks: per token, the integer sums
+/// Σ sc·q·q8 and Σ min·bsum as eight i32 lanes each.
+#[inline(always)]
+unsafe fn k4_sums<B: K4, const N: usize>(
+    x: &B,
+    ys: [&BlockQ8K; N],
+) -> ([__m256i; N], [__m256i; N]) {
+    let u = k4_unpack(x.head().2);
+    let sc = _mm256_cvtepu8_epi16(_mm_set_epi32(0, 0, u[1] as i32, u[0] as i32));
+    let sc = _mm256_permute4x64_epi64::<0x44>(sc);
+    // Each min twice, beside the two 16-value sums (`bsums`) of its sub-block.
+    let m8 = _mm_set_epi32(0, 0, u[3] as i32, u[2] as i32);
+    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+    let mut main = [_mm256_setzero_si256(); N];
+    let mut mn = [_mm256_setzero_si256(); N];
+    for (t, y) in ys.iter().enumerate() {
+        // Σ bsums·mins (≤ 2·16·127·63 per lane).
+        let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+        mn[t] = _mm256_madd_epi16(mins, bs);
+    }
+    for j in 0..QK_K / 64 {
+        let (lo, hi) = x.values(j);
+        let (sl, sh) = (scale(sc, 2 * j), scale(sc, 2 * j + 1));
+        for (t, y) in ys.iter().enumerate() {
+            let q8 = y.qs.as_ptr().add(64 * j);
+            let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load(q8 as _)));
+            let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load(q8.add(32) as _)));
+            main[t] = _mm256_add_epi32(main[t], _mm256_add_epi32(pl, ph));
+        }
+    }
+    (main, mn)
+}
+
+/// A Q6_K super-block against `N` tokens' blocks. Values are multiplied as stored (q + 32,
+/// unsigned for `vpmaddubsw`); the 32·Σ sc·q8 this adds is taken off once per super-block from
+/// the activations' 16-value sums (`bsums`).
+#[inline(always)]
+unsafe fn q6_sums<const N: usize>(x: &BlockQ6K, ys: [&BlockQ8K; N]) -> [__m256i; N] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let mut sumi = [_mm256_setzero_si256(); N];
+    // Σ sc·bsum over the 16 sub-blocks (|Σ| ≤ 16·128·16·127, far inside i32).
+    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
+    for t in 0..N {
+        let bs = _mm256_loadu_si256(ys[t].bsums.as_ptr() as *const __m256i);
+        sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)));
+    }
+    for j in 0..2 {
+        // Scales 8j..8j+8 as i16 in both lanes, for one `vpshufb` per quarter below.
+        let sch = if j == 0 {
+            _mm256_permute4x64_epi64::<0x44>(sc16)
+        } else {
+            _mm256_permute4x64_epi64::<0xEE>(sc16)
+        };
+        let b1 = load(x.ql.as_ptr().add(64 * j));
+        let b2 = load(x.ql.as_ptr().add(64 * j + 32));
+        let bh = load(x.qh.as_ptr().add(32 * j));
+        // Values 0..63 (the stored q + 32) of the four quarters of this 128.
+        let q = [
+            _mm256_or_si256(
+                _mm256_and_si256(b1, m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(b2, m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
+            ),
+        ];
+        for (k, &qk) in q.iter().enumerate() {
+            // Values 0..15 of the quarter use scale 8j+2k (low lane), 16..31 the next.
+            let (b0, b1) = ((4 * k) as i16, (4 * k + 2) as i16);
+            let sc = _mm256_shuffle_epi8(
+                sch,
+                _mm256_set_m128i(
+                    _mm_set1_epi16(b1 | (b1 + 1) << 8),
+                    _mm_set1_epi16(b0 | (b0 + 1) << 8),
+                ),
+            );
+            for t in 0..N {
+                let q8 = load(ys[t].qs.as_ptr().add(128 * j + 32 * k) as _);
+                // (q + 32)·q8 pairwise in i16: ≤ 2·63·127.
+                let p = _mm256_maddubs_epi16(qk, q8);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, p));
+            }
+        }
+    }
+    sumi
 }
 
 /// One weight row against four tokens' activations (the prefill matmul's inner step): exactly
@@ -359,11 +505,11 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
 // Each its own function, as the single-token dots.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    k4_n(x, ys)
+    k_n(x, ys)
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    q6_k_n(x, ys)
+    k_n(x, ys)
 }
 /// Concurrent read streams of decode's matvec per thread.
 const STREAMS: usize = 2;
@@ -439,7 +585,7 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         "matmul_tile: shapes"
     );
     macro_rules! go {
-        ($w:expr, $a:expr, $one:ident, $four:ident) => {{
+        ($w:expr, $a:expr, $one:ident, $four:ident, $eight:ident) => {{
             let bpr = $a.len() / n;
             tile_loop(
                 $w,
@@ -450,6 +596,7 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
                 // SAFETY: this function's contract (AVX2, FMA, F16C).
                 |x, y| unsafe { $one(x, y) },
                 |x, ys| unsafe { $four(x, ys) },
+                |x, ys| unsafe { $eight(x, ys) },
             )
         }};
     }
@@ -459,9 +606,9 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k, dot4_q4_k),
-        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k, dot4_q5_k),
-        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k, dot4_q6_k),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k, dot4_q4_k, dot8_q4_k),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k, dot4_q5_k, dot8_q5_k),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k, dot4_q6_k, dot8_q6_k),
         _ => panic!(
             "matmul_tile: {} weights with {:?} activations",
             w.format().name(),
@@ -471,8 +618,20 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot8_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
+    k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot8_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
+    k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    k4_n(x, ys)
+    k_n(x, ys)
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot8_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
+    k_n(x, ys)
 }
 
 // ---------------------------------------------------------------- activation quantizers

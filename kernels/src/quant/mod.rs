@@ -431,24 +431,35 @@ impl ActBuf {
 pub(crate) const TILE_ROWS: usize = 16;
 
 /// The prefill tile's loop order, shared by the tiers' `matmul_tile`: `out` (n, rows) for the
-/// rows of `w` (`bpr` blocks each), in tiles of [`TILE_ROWS`] rows, each passed four tokens at
-/// a time (`four`: each weight block unpacked once for the four), then the last n mod 4 one at
-/// a time (`one`). Token t's activations are `at(t)`.
+/// rows of `w` (`bpr` blocks each), in tiles of [`TILE_ROWS`] rows, each passed `G` tokens at a
+/// time (`group`: each weight block unpacked once for the G), then four at a time (`four`, when
+/// G > 4), then the last few one at a time (`one`). Token t's activations are `at(t)`. Every
+/// body gives a token the same bits, so the grouping never changes a result.
 #[inline(always)]
-pub(crate) fn tile_loop<'a, W, A: ?Sized + 'a>(
+pub(crate) fn tile_loop<'a, W, A: ?Sized + 'a, const G: usize>(
     w: &[W],
     bpr: usize,
     n: usize,
     out: &mut [f32],
     at: impl Fn(usize) -> &'a A,
-    mut one: impl FnMut(&[W], &'a A) -> f32,
-    mut four: impl FnMut(&[W], [&'a A; 4]) -> [f32; 4],
+    one: impl Fn(&[W], &'a A) -> f32,
+    four: impl Fn(&[W], [&'a A; 4]) -> [f32; 4],
+    group: impl Fn(&[W], [&'a A; G]) -> [f32; G],
 ) {
     let rows = out.len() / n;
     for r0 in (0..rows).step_by(TILE_ROWS) {
         let tile = &w[r0 * bpr..(r0 + TILE_ROWS).min(rows) * bpr];
         let mut t = 0;
-        while t + 4 <= n {
+        while t + G <= n {
+            let ys: [&'a A; G] = std::array::from_fn(|i| at(t + i));
+            for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
+                for (i, v) in group(x, ys).into_iter().enumerate() {
+                    out[(t + i) * rows + r] = v;
+                }
+            }
+            t += G;
+        }
+        while G > 4 && t + 4 <= n {
             let ys = [at(t), at(t + 1), at(t + 2), at(t + 3)];
             for (r, x) in (r0..).zip(tile.chunks_exact(bpr)) {
                 for (i, v) in four(x, ys).into_iter().enumerate() {

@@ -529,6 +529,7 @@ macro_rules! body {
                             // SAFETY: this body's target features (the caller checked them).
                             |x, y| unsafe { $dot(x, [y])[0] },
                             |x, ys| unsafe { $dot(x, ys) },
+                            |x, ys: [_; 4]| unsafe { $dot(x, ys) },
                         )
                     }};
                 }

@@ -421,5 +421,6 @@ unsafe fn tile_with<B: Legacy>(
         |t| &g[t * ng..(t + 1) * ng],
         |x, y| dot_n::<B, 1>(x, [y])[0],
         |x, ys| dot_n::<B, 4>(x, ys),
+        |x, ys| dot_n::<B, 4>(x, ys),
     )
 }
