@@ -502,7 +502,15 @@ fn map_file(path: &Path) -> std::result::Result<memmap2::Mmap, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     // SAFETY: the mapping is read-only and lives as long as the store; like every mmap
     // reader we rely on the model file not being truncated or rewritten while in use.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+    // Ask for 2 MiB pages before the first touch: where the file system caches files in large
+    // folios (ext4 since Linux 6.16) the pages read through this mapping are then mapped 2 MiB
+    // at a time. Decode streams every weight once per token, and with 4 KiB pages the CPU's
+    // prefetchers stop at every page. Only advice: where it is refused nothing changes.
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }
 
 /// `name-0000i-of-0000N.gguf` (llama.cpp's `llama_split_path` form) -> (name, i, N), for
