@@ -514,20 +514,53 @@ unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
 /// Concurrent read streams of decode's matvec per thread.
 const STREAMS: usize = 2;
 
-/// `out[r] = dot(r)` for every row, the rows cut into `STREAMS` contiguous segments computed
-/// in turn (row i of each, then row i + 1 of each): several sequential streams through memory,
-/// which the prefetchers follow side by side. On Zen 3 (2 threads, TinyLlama Q4_0) one stream
-/// per thread decoded 17.3 tok/s, two 18.7, four 17.9 (means of four interleaved runs; a
-/// standalone Q4_0/Q4_K matvec from DRAM read 11-12 GB/s with one, 13-14 with two to four).
-/// Adjacent rows interleaved would instead be short streams the prefetchers lose.
+/// How many rows ahead in its stream decode prefetches a row (software prefetch, the whole
+/// row), by bits per weight. Below 6 bits decode does about as much arithmetic per byte as
+/// the memory delivers, and the loads must be in flight before the arithmetic reaches them:
+/// on Zen 3, 2 threads, from DRAM on 2 MiB pages (means of six alternating runs) Q4_0
+/// 14.8 -> 16.7 GB/s, Q4_1 17.3 -> 18.7, Q4_K 11.8 -> 13.3 with 4 rows ahead. Q6_K did not
+/// change (19.3 / 18.9) and Q8_0, half the arithmetic per byte, lost (14.9 -> 11.5): the
+/// hardware prefetchers already keep up there. In the model (spinfer bench, means of four or
+/// five alternating runs): TinyLlama Q4_K_M decode 20.8 -> 23.2 tok/s, Q4_0 22.5 -> 22.4.
+fn prefetch_rows(f: crate::Format) -> usize {
+    if f.block_bytes() * 8 < 6 * f.block_len() {
+        4
+    } else {
+        0
+    }
+}
+
+/// `out[r] = dot(row r)` for every row of `w` (`bpr` blocks each), the rows cut into `STREAMS`
+/// contiguous segments computed in turn (row i of each, then row i + 1 of each): several
+/// sequential streams through memory, which the prefetchers follow side by side. On Zen 3
+/// (2 threads, TinyLlama Q4_0) one stream per thread decoded 17.3 tok/s, two 18.7, four 17.9
+/// (means of four interleaved runs; a standalone Q4_0/Q4_K matvec from DRAM read 11-12 GB/s
+/// with one, 13-14 with two to four). Adjacent rows interleaved would instead be short
+/// streams the prefetchers lose.
+///
+/// Each row is also prefetched `ahead` rows ahead in its stream (0: not at all).
 #[inline(always)]
-unsafe fn streams(rows: usize, mut dot: impl FnMut(usize) -> f32, out: &mut [f32]) {
+unsafe fn streams<B>(
+    w: &[B],
+    bpr: usize,
+    ahead: usize,
+    mut dot: impl FnMut(&[B]) -> f32,
+    out: &mut [f32],
+) {
+    let rows = out.len();
     let seg = rows.div_ceil(STREAMS);
+    let row_bytes = bpr * size_of::<B>();
     for i in 0..seg {
         for s in 0..STREAMS {
             let r = s * seg + i;
             if r < rows {
-                out[r] = dot(r);
+                if ahead > 0 && i + ahead < seg && r + ahead < rows {
+                    let p = w[(r + ahead) * bpr..].as_ptr() as *const i8;
+                    for o in (0..row_bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(o));
+                    }
+                }
+                out[r] = dot(&w[r * bpr..(r + 1) * bpr]);
             }
         }
     }
@@ -541,22 +574,23 @@ unsafe fn streams(rows: usize, mut dot: impl FnMut(usize) -> f32, out: &mut [f32
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
+    let ahead = prefetch_rows(w.format());
     macro_rules! go {
         ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
             let bpr = $a.len();
             if bpr > 0 {
-                streams($y.len(), |r| $dot(&$w[r * bpr..(r + 1) * bpr], $a), $y);
+                streams($w, bpr, ahead, |x| $dot(x, $a), $y);
             } else {
                 $y.fill(0.0);
             }
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, y),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, y),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, y),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q4_k),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q5_k),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q6_k),

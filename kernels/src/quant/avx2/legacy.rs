@@ -361,7 +361,7 @@ pub(super) unsafe fn dot4<B: Legacy>(x: &[B], ys: [&[B::A]; 4]) -> [f32; 4] {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], out: &mut [f32]) {
+pub(super) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], ahead: usize, out: &mut [f32]) {
     let bpr = y.len();
     if bpr == 0 {
         return out.fill(0.0);
@@ -369,17 +369,13 @@ pub(super) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], out: &mut [f32]) {
     with_groups(bpr.div_ceil(4), |g| {
         prepare(y, B::OFFSET, g);
         // SAFETY: the caller's CPU check.
-        unsafe { rows_with::<B>(w, bpr, g, out) }
+        unsafe { rows_with::<B>(w, bpr, g, ahead, out) }
     })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_with<B: Legacy>(w: &[B], bpr: usize, g: &[Group], out: &mut [f32]) {
-    super::streams(
-        out.len(),
-        |r| dot_n::<B, 1>(&w[r * bpr..(r + 1) * bpr], [g])[0],
-        out,
-    )
+unsafe fn rows_with<B: Legacy>(w: &[B], bpr: usize, g: &[Group], ahead: usize, out: &mut [f32]) {
+    super::streams(w, bpr, ahead, |x| dot_n::<B, 1>(x, [g])[0], out)
 }
 
 /// `matmul_tile` for a legacy format: `out` (n, rows) = the n token rows of `a` × the rows of
