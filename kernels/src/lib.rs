@@ -631,6 +631,9 @@ thread_local! {
     static XP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Activations quantized for block-format weights; grows to the largest X seen.
     static ACTS: RefCell<ActBuf> = const { RefCell::new(ActBuf::new()) };
+    /// A quantized matmul chunk's outputs before they go into Y's columns; grows to the
+    /// largest chunk seen (no allocation per decode-batch step).
+    static QOUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `f` with this thread's scratch buffer in `key`, or a fresh one for a nested call on this
@@ -1072,16 +1075,20 @@ impl Kernels {
             };
             let rows = |r0: usize, r1: usize| {
                 let yp = &yp; // the whole (Sync) wrapper, not its raw field
-                let mut out = vec![0f32; n * (r1 - r0)];
-                qtile(w.slice(r0 * k, r1 * k), acts, n, &mut out);
-                for t in 0..n {
-                    let src = &out[t * (r1 - r0)..(t + 1) * (r1 - r0)];
-                    // SAFETY: row t, columns r0..r1 lie in Y (n, m); each thread has its
-                    // own columns.
-                    let dst =
-                        unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * m + r0), r1 - r0) };
-                    dst.copy_from_slice(src);
-                }
+                with_scratch(&QOUT, Vec::new, |out| {
+                    // Every element is written by the tile: the length is all that matters.
+                    out.resize(n * (r1 - r0), 0.0);
+                    qtile(w.slice(r0 * k, r1 * k), acts, n, out);
+                    for t in 0..n {
+                        let src = &out[t * (r1 - r0)..(t + 1) * (r1 - r0)];
+                        // SAFETY: row t, columns r0..r1 lie in Y (n, m); each thread has its
+                        // own columns.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(yp.0.add(t * m + r0), r1 - r0)
+                        };
+                        dst.copy_from_slice(src);
+                    }
+                })
             };
             let threads = rayon::current_num_threads();
             if threads <= 1 || n * k * m < PAR_MIN || m < 32 {
