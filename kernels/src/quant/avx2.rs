@@ -49,9 +49,9 @@ pub(crate) unsafe fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
         (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
-        (Weights::Q4K(w), Acts::Q8K(a)) => dot_q4_k(w, a),
-        (Weights::Q5K(w), Acts::Q8K(a)) => dot_q5_k(w, a),
-        (Weights::Q6K(w), Acts::Q8K(a)) => dot_q6_k(w, a),
+        (Weights::Q4K(w), Acts::Q8K(a)) => dot_k1(w, a),
+        (Weights::Q5K(w), Acts::Q8K(a)) => dot_k1(w, a),
+        (Weights::Q6K(w), Acts::Q8K(a)) => dot_k1(w, a),
         _ => panic!(
             "vec_dot: {} weights with {:?} activations",
             w.format().name(),
@@ -189,18 +189,15 @@ unsafe fn k4_nibbles(qs: &[u8; QK_K / 2], j: usize) -> (__m256i, __m256i) {
     (lo, _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4))
 }
 
-// Each its own function (not inlined into `vec_dot`): one inlining budget per format.
+// Generic, but each format and N is its own function (not inlined into its caller): one
+// inlining budget per body.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+unsafe fn dot_k1<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
     k_one(x, y)
 }
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    k_one(x, y)
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    k_one(x, y)
+unsafe fn dot_k<B: KBlock, const N: usize>(x: &[B], ys: [&[BlockQ8K]; N]) -> [f32; N] {
+    k_n(x, ys)
 }
 
 /// A k-quant super-block as the dot products see it: per token, integer sums as eight i32
@@ -478,10 +475,10 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
     }
     match (w, a) {
         (Weights::Q4K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
-            dot4_q4_k(w, [a, b, c, d])
+            dot_k(w, [a, b, c, d])
         }
         (Weights::Q6K(w), [Acts::Q8K(a), Acts::Q8K(b), Acts::Q8K(c), Acts::Q8K(d)]) => {
-            dot4_q6_k(w, [a, b, c, d])
+            dot_k(w, [a, b, c, d])
         }
         (Weights::Q8_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
             legacy::dot4(w, [a, b, c, d])
@@ -502,15 +499,6 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
     }
 }
 
-// Each its own function, as the single-token dots.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    k_n(x, ys)
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    k_n(x, ys)
-}
 /// Concurrent read streams of decode's matvec per thread.
 const STREAMS: usize = 2;
 
@@ -591,9 +579,9 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
         (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
-        (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q4_k),
-        (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q5_k),
-        (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_q6_k),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         _ => panic!(
             "matvec_rows: {} weights with {:?} activations",
             w.format().name(),
@@ -619,7 +607,7 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         "matmul_tile: shapes"
     );
     macro_rules! go {
-        ($w:expr, $a:expr, $one:ident, $four:ident, $eight:ident) => {{
+        ($w:expr, $a:expr) => {{
             let bpr = $a.len() / n;
             tile_loop(
                 $w,
@@ -628,9 +616,9 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
                 out,
                 |t| &$a[t * bpr..(t + 1) * bpr],
                 // SAFETY: this function's contract (AVX2, FMA, F16C).
-                |x, y| unsafe { $one(x, y) },
-                |x, ys| unsafe { $four(x, ys) },
-                |x, ys| unsafe { $eight(x, ys) },
+                |x, y| unsafe { dot_k1(x, y) },
+                |x, ys| unsafe { dot_k::<_, 4>(x, ys) },
+                |x, ys| unsafe { dot_k::<_, 8>(x, ys) },
             )
         }};
     }
@@ -640,32 +628,15 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a, dot_q4_k, dot4_q4_k, dot8_q4_k),
-        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a, dot_q5_k, dot4_q5_k, dot8_q5_k),
-        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a, dot_q6_k, dot4_q6_k, dot8_q6_k),
+        (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a),
+        (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a),
+        (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a),
         _ => panic!(
             "matmul_tile: {} weights with {:?} activations",
             w.format().name(),
             a.format()
         ),
     }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot8_q6_k(x: &[BlockQ6K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
-    k_n(x, ys)
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot8_q4_k(x: &[BlockQ4K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
-    k_n(x, ys)
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    k_n(x, ys)
-}
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot8_q5_k(x: &[BlockQ5K], ys: [&[BlockQ8K]; 8]) -> [f32; 8] {
-    k_n(x, ys)
 }
 
 // ---------------------------------------------------------------- activation quantizers
