@@ -29,26 +29,45 @@
 //!
 //! `vpmaddubsw` saturates at ±32767; no pair here comes near it: |w| ≤ 128 (Q8_0) or ≤ 63 with
 //! |q8| ≤ 127 (activations never hold -128: every quantizer here maps to -127..=127), so a
-//! pair is ≤ 2·128·127 = 32512. Used by the AVX-512 tier too (every AVX-512 CPU has AVX2).
+//! pair is ≤ 2·128·127 = 32512. Used by the AVX-512 tier too (every AVX-512 CPU has AVX2),
+//! which passes `VNNI = true` where the CPU has AVX-512 VNNI: the legacy formats' bodies then
+//! use `vpdpbusd` (see `avx2/legacy.rs`; checked against the oracle on an emulated CPU by
+//! `.ci/avx512-emulated.sh`, speed unmeasured: no session has had such a CPU). The k-quants
+//! keep `vpmaddubsw` there: their `vpmaddwd` multiplies by the sub-block scales, which
+//! `vpdpbusd` cannot fold in.
 
 use super::*;
 use crate::Weights;
 use core::arch::x86_64::*;
 use half::f16;
 
+mod legacy;
+
+/// A legacy-format entry point (`dot`, `dot4`, `rows`, `tile`) of the VNNI bodies when `VNNI`,
+/// else of the AVX2 ones.
+macro_rules! legacy {
+    ($vnni:expr, $f:ident($($arg:expr),*)) => {
+        if $vnni {
+            legacy::vnni::$f($($arg),*)
+        } else {
+            legacy::avx2::$f($($arg),*)
+        }
+    };
+}
+
 /// The tier's dot product (same contract as [`super::scalar::vec_dot`]).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C.
+/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL and VNNI if `VNNI`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn vec_dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
+pub(crate) unsafe fn vec_dot<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot: length mismatch");
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::dot(w, a),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::dot(w, a),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, dot(w, a)),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, dot(w, a)),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, dot(w, a)),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, dot(w, a)),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, dot(w, a)),
         (Weights::Q4K(w), Acts::Q8K(a)) => dot_k1(w, a),
         (Weights::Q5K(w), Acts::Q8K(a)) => dot_k1(w, a),
         (Weights::Q6K(w), Acts::Q8K(a)) => dot_k1(w, a),
@@ -95,12 +114,6 @@ unsafe fn bits(qh: [u8; 4]) -> __m256i {
     _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
 }
 
-/// Σ pairs of unsigned `a` × signed `b` bytes, as eight i32.
-#[inline(always)]
-unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-}
-
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -112,8 +125,6 @@ unsafe fn hsum(v: __m256) -> f32 {
 // The single-token dots are the multi-token bodies with N = 1: each token's sum then runs in
 // the same order whether it is computed alone (decode) or beside others (prefill, a batch of
 // sequences), so a request's numbers do not depend on what else runs with it (issue 12).
-
-mod legacy;
 
 /// The twelve packed scale bytes of a Q4_K / Q5_K super-block as sixteen bytes: the eight
 /// 6-bit scales, then the eight 6-bit mins (ggml's `utmp` shuffle; the same values as
@@ -467,9 +478,9 @@ unsafe fn q6_sums<const N: usize>(x: &BlockQ6K, ys: [&BlockQ8K; N]) -> [__m256i;
 /// the sums of four [`vec_dot`]s (the same bodies, the same order).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C.
+/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL and VNNI if `VNNI`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+pub(crate) unsafe fn vec_dot4<const VNNI: bool>(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
     for a in &a {
         assert_eq!(w.len(), a.len(), "vec_dot4: length mismatch");
     }
@@ -481,21 +492,21 @@ pub(crate) unsafe fn vec_dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
             dot_k(w, [a, b, c, d])
         }
         (Weights::Q8_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            legacy::dot4(w, [a, b, c, d])
+            legacy!(VNNI, dot4(w, [a, b, c, d]))
         }
         (Weights::Q4_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            legacy::dot4(w, [a, b, c, d])
+            legacy!(VNNI, dot4(w, [a, b, c, d]))
         }
         (Weights::Q5_0(w), [Acts::Q8_0(a), Acts::Q8_0(b), Acts::Q8_0(c), Acts::Q8_0(d)]) => {
-            legacy::dot4(w, [a, b, c, d])
+            legacy!(VNNI, dot4(w, [a, b, c, d]))
         }
         (Weights::Q4_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
-            legacy::dot4(w, [a, b, c, d])
+            legacy!(VNNI, dot4(w, [a, b, c, d]))
         }
         (Weights::Q5_1(w), [Acts::Q8_1(a), Acts::Q8_1(b), Acts::Q8_1(c), Acts::Q8_1(d)]) => {
-            legacy::dot4(w, [a, b, c, d])
+            legacy!(VNNI, dot4(w, [a, b, c, d]))
         }
-        _ => a.map(|a| vec_dot(w, a)),
+        _ => a.map(|a| vec_dot::<VNNI>(w, a)),
     }
 }
 
@@ -558,9 +569,9 @@ unsafe fn streams<B>(
 /// rows, the formats matched once for all of them.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C.
+/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL and VNNI if `VNNI`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
+pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
     let ahead = prefetch_rows(w.format());
     macro_rules! go {
@@ -574,11 +585,11 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::rows(w, a, ahead, y),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::rows(w, a, ahead, y),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
@@ -594,9 +605,14 @@ pub(crate) unsafe fn matvec_rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
 /// [`tile_loop`] through the `dot4` and single-token bodies.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C.
+/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL and VNNI if `VNNI`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mut [f32]) {
+pub(crate) unsafe fn matmul_tile<const VNNI: bool>(
+    w: Weights<'_>,
+    a: Acts<'_>,
+    n: usize,
+    out: &mut [f32],
+) {
     assert!(
         n > 0 && a.len().is_multiple_of(n),
         "matmul_tile: acts are not n rows"
@@ -623,11 +639,11 @@ pub(crate) unsafe fn matmul_tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mu
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy::tile(w, a, n, out),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, tile(w, a, n, out)),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, tile(w, a, n, out)),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, tile(w, a, n, out)),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, tile(w, a, n, out)),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, tile(w, a, n, out)),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a),

@@ -102,8 +102,8 @@ crate::simd::tier_table!(TABLE {
     bf16_matmul: None,
     bf16_burn: None,
     // SAFETY: this table is only handed out where the CPU has AVX2, FMA and F16C.
-    quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-    quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
-    quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
-    quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
+    quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot::<false>(w, a) },
+    quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4::<false>(w, a) },
+    quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows::<false>(w, a, y) },
+    quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile::<false>(w, a, n, o) },
 });

@@ -96,8 +96,58 @@ impl Simd for Avx512 {
     }
 }
 
+/// The quantized kernels: the AVX2 bodies, with AVX-512 VNNI's `vpdpbusd` in the legacy
+/// formats' bodies where the CPU has it (`quant/avx2.rs`).
+mod quant {
+    use crate::quant::{avx2, Acts};
+    use crate::Weights;
+
+    fn vnni() -> bool {
+        is_x86_feature_detected!("avx512vnni")
+    }
+
+    // SAFETY (all four): the AVX-512 tier is only handed out where the CPU also has AVX2
+    // (checked in `Isa::is_available`), FMA, F16C and AVX-512 F and VL; VNNI is checked here.
+    pub(super) fn dot(w: Weights<'_>, a: Acts<'_>) -> f32 {
+        unsafe {
+            if vnni() {
+                avx2::vec_dot::<true>(w, a)
+            } else {
+                avx2::vec_dot::<false>(w, a)
+            }
+        }
+    }
+    pub(super) fn dot4(w: Weights<'_>, a: [Acts<'_>; 4]) -> [f32; 4] {
+        unsafe {
+            if vnni() {
+                avx2::vec_dot4::<true>(w, a)
+            } else {
+                avx2::vec_dot4::<false>(w, a)
+            }
+        }
+    }
+    pub(super) fn rows(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
+        unsafe {
+            if vnni() {
+                avx2::matvec_rows::<true>(w, a, y)
+            } else {
+                avx2::matvec_rows::<false>(w, a, y)
+            }
+        }
+    }
+    pub(super) fn tile(w: Weights<'_>, a: Acts<'_>, n: usize, out: &mut [f32]) {
+        unsafe {
+            if vnni() {
+                avx2::matmul_tile::<true>(w, a, n, out)
+            } else {
+                avx2::matmul_tile::<false>(w, a, n, out)
+            }
+        }
+    }
+}
+
 mod plain {
-    use super::Avx512;
+    use super::{quant, Avx512};
     crate::simd::tier_table!(TABLE {
         simd: Avx512,
         attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
@@ -105,17 +155,15 @@ mod plain {
         packed_tile: (12, 2),
         bf16_matmul: None,
         bf16_burn: None,
-        // SAFETY: the AVX-512 tier is only handed out where the CPU also has AVX2 (checked in
-        // `Isa::is_available`), FMA and F16C. No AVX-512 VNNI body: it could not be run here.
-        quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-        quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
-        quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
-        quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
+        quant_dot: quant::dot,
+        quant_dot4: quant::dot4,
+        quant_rows: quant::rows,
+        quant_tile: quant::tile,
     });
 }
 
 mod with_bf16 {
-    use super::{bf16dot, Avx512};
+    use super::{bf16dot, quant, Avx512};
     crate::simd::tier_table!(TABLE {
         simd: Avx512,
         attr: target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c"),
@@ -126,11 +174,10 @@ mod with_bf16 {
             mm: |j, a, b| unsafe { bf16dot::matmul_rows(j, a, b) },
         }),
         bf16_burn: Some(|i| unsafe { bf16dot::burn(i) }),
-        // SAFETY: as in the table above.
-        quant_dot: |w, a| unsafe { crate::quant::avx2::vec_dot(w, a) },
-        quant_dot4: |w, a| unsafe { crate::quant::avx2::vec_dot4(w, a) },
-        quant_rows: |w, a, y| unsafe { crate::quant::avx2::matvec_rows(w, a, y) },
-        quant_tile: |w, a, n, o| unsafe { crate::quant::avx2::matmul_tile(w, a, n, o) },
+        quant_dot: quant::dot,
+        quant_dot4: quant::dot4,
+        quant_rows: quant::rows,
+        quant_tile: quant::tile,
     });
 }
 

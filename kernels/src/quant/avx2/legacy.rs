@@ -14,12 +14,46 @@
 //!
 //! A token's sum runs in the same order alone (N = 1) or beside three others (N = 4), so a
 //! batched token equals its lone decode bit for bit.
+//!
+//! The bodies are compiled twice ([`Mul`]): with `vpmaddubsw` + `vpmaddwd` for AVX2, and with
+//! AVX-512 VNNI's `vpdpbusd` (the same four-product i32 sums in one instruction, on 256-bit
+//! vectors) for the AVX-512 tier where the CPU has it. The integer sums are identical (no pair
+//! saturates, see `avx2.rs`), so both give the same bits.
 
-use super::{bits, hsum, hsum4, load, nibbles, us8};
+use super::{bits, hsum, hsum4, load, nibbles};
 use crate::quant::*;
 use core::arch::x86_64::*;
 use half::f16;
 use std::cell::RefCell;
+
+/// How 32 unsigned bytes times 32 signed bytes become eight i32 sums of four products each.
+pub(super) trait Mul {
+    /// No product pair saturates, whatever the bytes: signed weights (Q8_0) can then be taken
+    /// as q + 128, unsigned, and corrected by 128·Σy like Q4_0's q + 8, instead of moving
+    /// their sign onto the activations (two `vpsignb` per block and token).
+    const WIDE: bool;
+    unsafe fn us8(a: __m256i, b: __m256i) -> __m256i;
+}
+
+/// AVX2: `vpmaddubsw` (pairs to i16) then `vpmaddwd` with ones (pairs of pairs to i32).
+pub(super) struct Avx2;
+impl Mul for Avx2 {
+    const WIDE: bool = false;
+    #[inline(always)]
+    unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+}
+
+/// AVX-512 VNNI (with VL): one `vpdpbusd`, which never saturates.
+pub(super) struct Vnni;
+impl Mul for Vnni {
+    const WIDE: bool = true;
+    #[inline(always)]
+    unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+}
 
 /// An activation block: 32 signed values and their scale(s).
 pub(super) trait Act: Copy {
@@ -123,6 +157,17 @@ impl Legacy for BlockQ5_1 {
     }
 }
 
+/// What the loop adds to a format's values to multiply them as unsigned bytes: the stored
+/// offset, or 128 for signed values when `M` is [`Mul::WIDE`] (|(q + 128)·y| ≤ 255·127, four
+/// to an i32 lane); its OFFSET·Σy is taken off per block.
+const fn offset<M: Mul, B: Legacy>() -> i32 {
+    if B::SIGNED && M::WIDE {
+        128
+    } else {
+        B::OFFSET
+    }
+}
+
 const _: () = assert!(core::mem::offset_of!(BlockQ8_0, d) == 0);
 const _: () = assert!(core::mem::offset_of!(BlockQ4_0, d) == 0);
 const _: () = assert!(core::mem::offset_of!(BlockQ5_0, d) == 0);
@@ -142,7 +187,7 @@ unsafe fn five_bits(qs: &[u8; QK / 2], qh: [u8; 4]) -> __m256i {
 pub(super) struct Group {
     /// dy of the four blocks, twice (the layout of the folded sums).
     dy: [f32; 8],
-    /// OFFSET·Σq of each block (formats stored as q + OFFSET).
+    /// OFFSET·Σq of each block (values multiplied as q + OFFSET, see [`offset`]).
     corr: [i32; 4],
     /// Q8_1's s of each block.
     s: [f32; 4],
@@ -245,7 +290,7 @@ unsafe fn fold4(p: [__m256i; 4]) -> __m256i {
 /// Blocks 4g..4g+4 of one weight row (`x`: 4 blocks, or fewer at the row's end) against `N`
 /// tokens' groups `g`.
 #[inline(always)]
-unsafe fn step<B: Legacy, const N: usize>(
+unsafe fn step<M: Mul, B: Legacy, const N: usize>(
     x: &[B],
     ys: [&[Group]; N],
     g: usize,
@@ -253,30 +298,32 @@ unsafe fn step<B: Legacy, const N: usize>(
     accm: &mut [__m128; N],
 ) {
     let (q, d, m) = unpack(x);
-    let u = if B::SIGNED {
-        [
-            _mm256_sign_epi8(q[0], q[0]),
-            _mm256_sign_epi8(q[1], q[1]),
-            _mm256_sign_epi8(q[2], q[2]),
-            _mm256_sign_epi8(q[3], q[3]),
-        ]
-    } else {
-        q
-    };
+    // Signed values: their sign moves onto the activations, or (WIDE) they become q + 128.
+    let sign_trick = B::SIGNED && !M::WIDE;
+    // (No closures here: one defined in this function would not get the caller's target
+    // features, and its intrinsics would not inline.)
+    let mut u = q;
+    for j in 0..4 {
+        if sign_trick {
+            u[j] = _mm256_sign_epi8(q[j], q[j]);
+        } else if B::SIGNED {
+            u[j] = _mm256_xor_si256(q[j], _mm256_set1_epi8(-128));
+        }
+    }
     for t in 0..N {
         let gr = &ys[t][g];
         let mut p = [_mm256_setzero_si256(); 4];
         for j in 0..4 {
             let y = _mm256_load_si256(gr.qs[j].as_ptr() as *const __m256i);
-            let y = if B::SIGNED {
+            let y = if sign_trick {
                 _mm256_sign_epi8(y, q[j])
             } else {
                 y
             };
-            p[j] = us8(u[j], y);
+            p[j] = M::us8(u[j], y);
         }
         let mut s = fold4(p);
-        if B::OFFSET != 0 {
+        if offset::<M, B>() != 0 {
             let c = _mm_load_si128(gr.corr.as_ptr() as *const __m128i);
             s = _mm256_sub_epi32(s, _mm256_zextsi128_si256(c));
         }
@@ -291,15 +338,15 @@ unsafe fn step<B: Legacy, const N: usize>(
 /// One weight row `x` against `N` tokens' prepared activations: four blocks per step, then
 /// the last `x.len() % 4`.
 #[inline(always)]
-unsafe fn dot_n<B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; N] {
+unsafe fn dot_n<M: Mul, B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
     let mut accm = [_mm_setzero_ps(); N];
     let (full, rest) = x.as_chunks::<4>();
     for (g, x4) in full.iter().enumerate() {
-        step::<B, N>(x4, ys, g, &mut acc, &mut accm);
+        step::<M, B, N>(x4, ys, g, &mut acc, &mut accm);
     }
     if !rest.is_empty() {
-        step::<B, N>(rest, ys, full.len(), &mut acc, &mut accm);
+        step::<M, B, N>(rest, ys, full.len(), &mut acc, &mut accm);
     }
     let mut out = [0.0; N];
     for t in 0..N {
@@ -320,103 +367,131 @@ fn with_groups<R>(len: usize, f: impl FnOnce(&mut [Group]) -> R) -> R {
     })
 }
 
-/// `vec_dot` for a legacy format.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot<B: Legacy>(x: &[B], y: &[B::A]) -> f32 {
-    with_groups(y.len().div_ceil(4), |g| {
-        prepare(y, B::OFFSET, g);
-        // SAFETY: the caller's CPU check.
-        unsafe { dot_with::<B, 1>(x, [g])[0] }
-    })
-}
+/// The entry points (`dot`, `dot4`, `rows`, `tile`) for one [`Mul`], compiled with its target
+/// features so that the `#[inline(always)]` bodies above inline into them.
+macro_rules! entry_points {
+    ($name:ident, $M:ty, $feat:literal) => {
+        pub(in crate::quant) mod $name {
+            use super::*;
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_with<B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; N] {
-    dot_n::<B, N>(x, ys)
-}
+            /// `vec_dot` for a legacy format.
+            ///
+            /// # Safety
+            /// The CPU must have the features named above.
+            #[target_feature(enable = $feat)]
+            pub(in crate::quant) unsafe fn dot<B: Legacy>(x: &[B], y: &[B::A]) -> f32 {
+                with_groups(y.len().div_ceil(4), |g| {
+                    prepare(y, offset::<$M, B>(), g);
+                    // SAFETY: the caller's CPU check.
+                    unsafe { dot_with::<B, 1>(x, [g])[0] }
+                })
+            }
 
-/// `vec_dot4` for a legacy format.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot4<B: Legacy>(x: &[B], ys: [&[B::A]; 4]) -> [f32; 4] {
-    let ng = x.len().div_ceil(4);
-    with_groups(4 * ng, |g| {
-        for (t, y) in ys.iter().enumerate() {
-            prepare(y, B::OFFSET, &mut g[t * ng..(t + 1) * ng]);
+            #[target_feature(enable = $feat)]
+            unsafe fn dot_with<B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -> [f32; N] {
+                dot_n::<$M, B, N>(x, ys)
+            }
+
+            /// `vec_dot4` for a legacy format.
+            ///
+            /// # Safety
+            /// The CPU must have the features named above.
+            #[target_feature(enable = $feat)]
+            pub(in crate::quant) unsafe fn dot4<B: Legacy>(x: &[B], ys: [&[B::A]; 4]) -> [f32; 4] {
+                let ng = x.len().div_ceil(4);
+                with_groups(4 * ng, |g| {
+                    for (t, y) in ys.iter().enumerate() {
+                        prepare(y, offset::<$M, B>(), &mut g[t * ng..(t + 1) * ng]);
+                    }
+                    let (a, b) = g.split_at(2 * ng);
+                    let ((g0, g1), (g2, g3)) = (a.split_at(ng), b.split_at(ng));
+                    // SAFETY: the caller's CPU check.
+                    unsafe { dot_with::<B, 4>(x, [g0, g1, g2, g3]) }
+                })
+            }
+
+            /// `matvec_rows` for a legacy format: `out[r]` = row r of `w` · `y`.
+            ///
+            /// # Safety
+            /// The CPU must have the features named above.
+            #[target_feature(enable = $feat)]
+            pub(in crate::quant) unsafe fn rows<B: Legacy>(
+                w: &[B],
+                y: &[B::A],
+                ahead: usize,
+                out: &mut [f32],
+            ) {
+                let bpr = y.len();
+                if bpr == 0 {
+                    return out.fill(0.0);
+                }
+                with_groups(bpr.div_ceil(4), |g| {
+                    prepare(y, offset::<$M, B>(), g);
+                    // SAFETY: the caller's CPU check.
+                    unsafe { rows_with::<B>(w, bpr, g, ahead, out) }
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn rows_with<B: Legacy>(
+                w: &[B],
+                bpr: usize,
+                g: &[Group],
+                ahead: usize,
+                out: &mut [f32],
+            ) {
+                crate::quant::avx2::streams(w, bpr, ahead, |x| dot_n::<$M, B, 1>(x, [g])[0], out)
+            }
+
+            /// `matmul_tile` for a legacy format: `out` (n, rows) = the n token rows of `a` × the
+            /// rows of `w`, with the activations prepared once for all the rows.
+            ///
+            /// # Safety
+            /// The CPU must have the features named above.
+            #[target_feature(enable = $feat)]
+            pub(in crate::quant) unsafe fn tile<B: Legacy>(
+                w: &[B],
+                a: &[B::A],
+                n: usize,
+                out: &mut [f32],
+            ) {
+                let bpr = a.len() / n;
+                let ng = bpr.div_ceil(4);
+                with_groups(n * ng, |g| {
+                    for t in 0..n {
+                        prepare(
+                            &a[t * bpr..(t + 1) * bpr],
+                            offset::<$M, B>(),
+                            &mut g[t * ng..(t + 1) * ng],
+                        );
+                    }
+                    // SAFETY: the caller's CPU check.
+                    unsafe { tile_with::<B>(w, bpr, g, n, ng, out) }
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_with<B: Legacy>(
+                w: &[B],
+                bpr: usize,
+                g: &[Group],
+                n: usize,
+                ng: usize,
+                out: &mut [f32],
+            ) {
+                tile_loop(
+                    w,
+                    bpr,
+                    n,
+                    out,
+                    |t| &g[t * ng..(t + 1) * ng],
+                    |x, y| dot_n::<$M, B, 1>(x, [y])[0],
+                    |x, ys| dot_n::<$M, B, 4>(x, ys),
+                    |x, ys| dot_n::<$M, B, 4>(x, ys),
+                )
+            }
         }
-        let (a, b) = g.split_at(2 * ng);
-        let ((g0, g1), (g2, g3)) = (a.split_at(ng), b.split_at(ng));
-        // SAFETY: the caller's CPU check.
-        unsafe { dot_with::<B, 4>(x, [g0, g1, g2, g3]) }
-    })
+    };
 }
-
-/// `matvec_rows` for a legacy format: `out[r]` = row r of `w` · `y`.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], ahead: usize, out: &mut [f32]) {
-    let bpr = y.len();
-    if bpr == 0 {
-        return out.fill(0.0);
-    }
-    with_groups(bpr.div_ceil(4), |g| {
-        prepare(y, B::OFFSET, g);
-        // SAFETY: the caller's CPU check.
-        unsafe { rows_with::<B>(w, bpr, g, ahead, out) }
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_with<B: Legacy>(w: &[B], bpr: usize, g: &[Group], ahead: usize, out: &mut [f32]) {
-    super::streams(w, bpr, ahead, |x| dot_n::<B, 1>(x, [g])[0], out)
-}
-
-/// `matmul_tile` for a legacy format: `out` (n, rows) = the n token rows of `a` × the rows of
-/// `w`, with the activations prepared once for all the rows.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile<B: Legacy>(w: &[B], a: &[B::A], n: usize, out: &mut [f32]) {
-    let bpr = a.len() / n;
-    let ng = bpr.div_ceil(4);
-    with_groups(n * ng, |g| {
-        for t in 0..n {
-            prepare(
-                &a[t * bpr..(t + 1) * bpr],
-                B::OFFSET,
-                &mut g[t * ng..(t + 1) * ng],
-            );
-        }
-        // SAFETY: the caller's CPU check.
-        unsafe { tile_with::<B>(w, bpr, g, n, ng, out) }
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_with<B: Legacy>(
-    w: &[B],
-    bpr: usize,
-    g: &[Group],
-    n: usize,
-    ng: usize,
-    out: &mut [f32],
-) {
-    tile_loop(
-        w,
-        bpr,
-        n,
-        out,
-        |t| &g[t * ng..(t + 1) * ng],
-        |x, y| dot_n::<B, 1>(x, [y])[0],
-        |x, ys| dot_n::<B, 4>(x, ys),
-        |x, ys| dot_n::<B, 4>(x, ys),
-    )
-}
+entry_points!(avx2, Avx2, "avx2,fma,f16c");
+entry_points!(vnni, Vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
