@@ -2,8 +2,9 @@
 //! runtime. Knows nothing about models.
 //!
 //! Tiers: `scalar` (the oracle), `portable` (`wide` vectors), `avx2` (AVX2+FMA+F16C),
-//! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, and AMX bf16 tiles for matmuls
-//! with bf16 weights where the CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
+//! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, AVX-512 VNNI for the legacy
+//! quantized formats where present, and AMX bf16 tiles for matmuls with bf16 weights where the
+//! CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
 //!
 //! Block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, laid out as GGUF stores them)
