@@ -5,6 +5,11 @@
 # VNNI quant bodies run, and the tests check them against the scalar oracle like any tier.
 #
 #   .ci/avx512-emulated.sh [TEST-BINARY [TEST-NAME-FILTER...]]    (default: quant)
+#   .ci/avx512-emulated.sh cli MODEL...    (models of fixtures/registry/llama, e.g. gguf-q4_0)
+#
+# The `cli` form runs the static CLI's greedy `infer` on each fixture model with
+# SPINFER_ISA=avx512 in the emulator and fails unless each text equals the same CLI's with
+# SPINFER_ISA=avx2 on this machine: the whole forward pass, end to end, on both tiers.
 #
 # How: the static x86_64-musl test binary goes into an initramfs beside a small /init that
 # runs it; Debian's cloud kernel boots it from an ISO (isolinux) in Bochs, console on the
@@ -45,6 +50,15 @@ if [ ! -e "$W/vmlinuz" ]; then
 fi
 
 rustup target add "$X64M" >/dev/null
+infer=(infer --registry "$PWD/fixtures/registry" --temperature 0 --max-tokens 16 --json Once)
+if [ "$TEST" = cli ]; then
+    cargo build --release -p spinfer-cli --target "$X64M"
+    bin=$TGT/$X64M/release/spinfer
+    for m in "$@"; do
+        printf 'avx512-emulated: %s: %s\n' "$m" \
+            "$(SPINFER_ISA=avx2 "$bin" "${infer[@]}" --model "$m")"
+    done > "$W/want.txt"
+else
 bin=$(cargo test -p spinfer-kernels --test "$TEST" --release --target "$X64M" --no-run \
     --message-format=json \
     | python3 -c 'import json, sys
@@ -52,6 +66,7 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | tail -1)
+fi
 [ -x "$bin" ] || { echo "avx512-emulated: no test binary for $TEST" >&2; exit 1; }
 
 # /init runs /test with the arguments after "--" on the kernel command line, then waits: if
@@ -66,8 +81,28 @@ fn main() {
         is_x86_feature_detected!("avx512vnni"),
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let status = std::process::Command::new("/test").args(&args).status();
-    println!("avx512-emulated: /test exited: {status:?}");
+    // `cli` form (EMU_INFER holds the infer arguments, `|`-separated): one greedy run per model.
+    if let Ok(infer) = std::env::var("EMU_INFER") {
+        for m in &args {
+            let out = std::process::Command::new("/test")
+                .env("SPINFER_ISA", "avx512")
+                .args(infer.split('|'))
+                .args(["--model", m])
+                .output();
+            match out {
+                Ok(o) => {
+                    let text = String::from_utf8_lossy(&o.stdout);
+                    println!("avx512-emulated: {m}: {}", text.trim_end());
+                    eprint!("{}", String::from_utf8_lossy(&o.stderr));
+                }
+                Err(e) => println!("avx512-emulated: {m} did not run: {e}"),
+            }
+        }
+        println!("avx512-emulated: /test exited: done");
+    } else {
+        let status = std::process::Command::new("/test").args(&args).status();
+        println!("avx512-emulated: /test exited: {status:?}");
+    }
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
@@ -75,11 +110,13 @@ fn main() {
 RS
 rustc --edition 2021 -O --target "$X64M" -o "$W/init" "$W/init.rs"
 
-# The initramfs (newc cpio): /dev/console, so that init has a stdout; /init; /test; and the
-# reference file `tests/quant.rs` reads, at the absolute path it was compiled with.
-python3 - "$W/init" "$bin" "$W/initrd" "$PWD" <<'PY'
+# The initramfs (newc cpio): /dev/console, so that init has a stdout; /dev/null (a child's
+# stdin); /init; /test; and, at their absolute paths, the reference file `tests/quant.rs`
+# reads and the `cli` form's models.
+python3 - "$W/init" "$bin" "$W/initrd" "$PWD" "$TEST" "$@" <<'PY'
 import os, sys
-init, test, out, root = sys.argv[1:]
+init, test, out, root, mode = sys.argv[1:6]
+models = sys.argv[6:] if mode == "cli" else []
 def entry(name, mode, data=b"", rdev=(0, 0)):
     name = name.encode() + b"\0"
     fields = [0, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name), 0]
@@ -89,21 +126,30 @@ def entry(name, mode, data=b"", rdev=(0, 0)):
 with open(out, "wb") as f:
     f.write(entry("dev", 0o040755))
     f.write(entry("dev/console", 0o020600, rdev=(5, 1)))
+    f.write(entry("dev/null", 0o020666, rdev=(1, 3)))
     f.write(entry("init", 0o100755, open(init, "rb").read()))
     f.write(entry("test", 0o100755, open(test, "rb").read()))
-    ref = "fixtures/reference/quant/blocks.json"
+    files = ["fixtures/reference/quant/blocks.json"]
+    for m in models:
+        d = os.path.join("fixtures/registry/llama", m)
+        files += [os.path.join(d, n) for n in sorted(os.listdir(d))]
     dirs = set()
-    for d in [os.path.join(root, "kernels"), os.path.dirname(os.path.join(root, ref))]:
-        while d != "/":
-            dirs.add(d)
-            d = os.path.dirname(d)
+    for p in [os.path.join(root, "kernels")] + [os.path.dirname(os.path.join(root, p)) for p in files]:
+        while p != "/":
+            dirs.add(p)
+            p = os.path.dirname(p)
     for d in sorted(dirs):
         f.write(entry(d.lstrip("/"), 0o040755))
-    f.write(entry(os.path.join(root, ref).lstrip("/"), 0o100644, open(ref, "rb").read()))
+    for p in files:
+        f.write(entry(os.path.join(root, p).lstrip("/"), 0o100644, open(p, "rb").read()))
     f.write(entry("TRAILER!!!", 0))
 PY
 
-args="--test-threads=1 $*"
+if [ "$TEST" = cli ]; then
+    args="EMU_INFER=$(IFS='|'; echo "${infer[*]}") -- $*"
+else
+    args="-- --test-threads=1 $*"
+fi
 mkdir -p "$W/iso"
 cp /usr/lib/ISOLINUX/isolinux.bin /usr/lib/syslinux/modules/bios/ldlinux.c32 "$W/iso/"
 cp "$W/vmlinuz" "$W/iso/vmlinuz"
@@ -113,7 +159,7 @@ cat > "$W/iso/isolinux.cfg" <<EOF
 DEFAULT t
 LABEL t
   KERNEL vmlinuz
-  APPEND initrd=initrd.gz console=ttyS0 quiet clearcpuid=124,320,321,323,515 panic=-1 -- $args
+  APPEND initrd=initrd.gz console=ttyS0 quiet clearcpuid=124,320,321,323,515 panic=-1 $args
 EOF
 xorriso -as mkisofs -quiet -o "$W/boot.iso" -b isolinux.bin -c boot.cat -no-emul-boot \
     -boot-load-size 4 -boot-info-table "$W/iso"
@@ -150,4 +196,12 @@ kill $pid 2>/dev/null || true
 wait $pid 2>/dev/null || true
 tr -d '\r' < "$W/serial.txt" | grep -v -E "^\[ *[0-9.]+\]" || true
 echo "avx512-emulated: $((SECONDS - t0)) s in Bochs"
-grep -q "test result: ok" "$W/serial.txt"
+if [ "$TEST" = cli ]; then
+    tr -d '\r' < "$W/serial.txt" | grep -E "^avx512-emulated: [^ ]+: " \
+        | grep -v "this CPU has" > "$W/got.txt" || true
+    echo "avx512-emulated: the same CLI with SPINFER_ISA=avx2 on this machine:"
+    cat "$W/want.txt"
+    diff "$W/want.txt" "$W/got.txt" && echo "avx512-emulated: avx512 and avx2 texts equal"
+else
+    grep -q "test result: ok" "$W/serial.txt"
+fi
