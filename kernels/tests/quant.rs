@@ -380,26 +380,36 @@ fn matmul_token_rows_equal_matvec_bit_for_bit() {
     // Batch invariance (issue 12): a token's outputs must not depend on how many tokens share
     // the product, or a batched request could sample differently than it would alone. The
     // single-token dots are the multi-token bodies with N = 1, so this holds exactly; 13 and
-    // 16 tokens pass through the eight- and four-token groups of the k-quant tiles.
+    // 16 tokens pass through the eight- and four-token groups of the k-quant tiles. The legacy
+    // formats' eight-row panels take dot_n's steps in its order: 37 rows are four panels and
+    // five lone rows, and the column counts give rows of 1, 3, 7 and 32 blocks (whole groups
+    // of four and a partial last one).
     let mut rng = Rng(11);
     for f in block_formats() {
-        let cols = if f.block_len() == 256 { 512 } else { 96 };
-        let rows = 37;
-        let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
-        for n in [1, 3, 4, 9, 13, 16] {
-            let x = acts_x(&mut rng, n * cols);
-            for k in tiers() {
-                let mut y = vec![f32::NAN; n * rows];
-                k.matmul(s.w(), &x, n, &mut y);
-                for t in 0..n {
-                    let mut alone = vec![f32::NAN; rows];
-                    k.matvec(s.w(), &x[t * cols..(t + 1) * cols], &mut alone);
-                    let got: Vec<u32> = y[t * rows..(t + 1) * rows]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect();
-                    let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(got, want, "{} {} n {n} token {t}", k.isa(), f.name());
+        for &cols in col_sizes(f) {
+            let rows = 37;
+            let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+            for n in [1, 2, 3, 4, 9, 13, 16] {
+                let x = acts_x(&mut rng, n * cols);
+                for k in tiers() {
+                    let mut y = vec![f32::NAN; n * rows];
+                    k.matmul(s.w(), &x, n, &mut y);
+                    for t in 0..n {
+                        let mut alone = vec![f32::NAN; rows];
+                        k.matvec(s.w(), &x[t * cols..(t + 1) * cols], &mut alone);
+                        let got: Vec<u32> = y[t * rows..(t + 1) * rows]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} {} {cols} columns n {n} token {t}",
+                            k.isa(),
+                            f.name()
+                        );
+                    }
                 }
             }
         }

@@ -33,6 +33,10 @@ pub(super) trait Mul {
     /// their sign onto the activations (two `vpsignb` per block and token).
     const WIDE: bool;
     unsafe fn us8(a: __m256i, b: __m256i) -> __m256i;
+    /// `acc` plus [`Mul::us8`].
+    unsafe fn us8_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, Self::us8(a, b))
+    }
 }
 
 /// AVX2: `vpmaddubsw` (pairs to i16) then `vpmaddwd` with ones (pairs of pairs to i32).
@@ -52,6 +56,10 @@ impl Mul for Vnni {
     #[inline(always)]
     unsafe fn us8(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[inline(always)]
+    unsafe fn us8_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, a, b)
     }
 }
 
@@ -160,7 +168,7 @@ impl Legacy for BlockQ5_1 {
 /// What the loop adds to a format's values to multiply them as unsigned bytes: the stored
 /// offset, or 128 for signed values when `M` is [`Mul::WIDE`] (|(q + 128)·y| ≤ 255·127, four
 /// to an i32 lane); its OFFSET·Σy is taken off per block.
-const fn offset<M: Mul, B: Legacy>() -> i32 {
+pub(super) const fn offset<M: Mul, B: Legacy>() -> i32 {
     if B::SIGNED && M::WIDE {
         128
     } else {
@@ -186,14 +194,14 @@ unsafe fn five_bits(qs: &[u8; QK / 2], qh: [u8; 4]) -> __m256i {
 #[repr(C, align(32))]
 pub(super) struct Group {
     /// dy of the four blocks, twice (the layout of the folded sums).
-    dy: [f32; 8],
+    pub(super) dy: [f32; 8],
     /// OFFSET·Σq of each block (values multiplied as q + OFFSET, see [`offset`]).
-    corr: [i32; 4],
+    pub(super) corr: [i32; 4],
     /// Q8_1's s of each block.
-    s: [f32; 4],
+    pub(super) s: [f32; 4],
     /// Each block's 32 values, copied here (zeros past the row's end): one aligned load per
     /// block at a fixed offset, where pointers into the 34-byte blocks cost a load more.
-    qs: [[i8; QK]; 4],
+    pub(super) qs: [[i8; QK]; 4],
 }
 
 const EMPTY: Group = Group {
@@ -231,7 +239,7 @@ fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
 /// The first four bytes of a block: d, and m for the MIN formats (asserted above; every block
 /// is at least 18 bytes).
 #[inline(always)]
-unsafe fn head<B: Legacy>(b: &B) -> u64 {
+pub(super) unsafe fn head<B: Legacy>(b: &B) -> u64 {
     // SAFETY: the four bytes lie inside `*b` (see above); unaligned read, any bits are valid.
     (b as *const B as *const u32).read_unaligned() as u64
 }
@@ -239,7 +247,7 @@ unsafe fn head<B: Legacy>(b: &B) -> u64 {
 /// Four blocks' d as f32 twice over ([d0..d3 | d0..d3], the folded sums' layout), and their m
 /// (MIN formats; zero otherwise), from their [`head`]s.
 #[inline(always)]
-unsafe fn scales<B: Legacy>(h: [u64; 4]) -> (__m256, __m128) {
+pub(super) unsafe fn scales<B: Legacy>(h: [u64; 4]) -> (__m256, __m128) {
     if B::MIN {
         // [d0 m0 d1 m1 d2 m2 d3 m3]
         let f = _mm256_cvtph_ps(_mm_set_epi64x(
@@ -367,6 +375,11 @@ fn with_groups<R>(len: usize, f: impl FnOnce(&mut [Group]) -> R) -> R {
     })
 }
 
+/// Tokens from which prefill's tile transposes eight weight rows at a time into a panel
+/// (`avx2/panel.rs`) rather than taking each row alone: packing a block of eight rows costs about
+/// what one token's row-at-a-time dot does, and each further token is ~2.5x cheaper there.
+const PANEL_MIN_TOKENS: usize = 2;
+
 /// The entry points (`dot`, `dot4`, `rows`, `tile`) for one [`Mul`], compiled with its target
 /// features so that the `#[inline(always)]` bodies above inline into them.
 macro_rules! entry_points {
@@ -465,8 +478,10 @@ macro_rules! entry_points {
                             &mut g[t * ng..(t + 1) * ng],
                         );
                     }
-                    // SAFETY: the caller's CPU check.
-                    unsafe { tile_with::<B>(w, bpr, g, n, ng, out) }
+                    super::super::panel::with_panels(|panels| {
+                        // SAFETY: the caller's CPU check.
+                        unsafe { tile_with::<B>(w, bpr, g, n, ng, out, panels) }
+                    })
                 })
             }
 
@@ -478,14 +493,19 @@ macro_rules! entry_points {
                 n: usize,
                 ng: usize,
                 out: &mut [f32],
+                panels: &mut Vec<super::super::panel::Panel>,
             ) {
+                let one = |x: &[B], y: &[Group]| dot_n::<$M, B, 1>(x, [y])[0];
+                if n >= PANEL_MIN_TOKENS {
+                    return super::super::panel::tile::<$M, B>(w, bpr, g, n, ng, out, panels, one);
+                }
                 tile_loop(
                     w,
                     bpr,
                     n,
                     out,
                     |t| &g[t * ng..(t + 1) * ng],
-                    |x, y| dot_n::<$M, B, 1>(x, [y])[0],
+                    one,
                     |x, ys| dot_n::<$M, B, 4>(x, ys),
                     |x, ys| dot_n::<$M, B, 4>(x, ys),
                 )
