@@ -335,6 +335,7 @@ unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
         let (mut dm, mut dn) = ([0f32; 8], [0f32; 8]);
         for c in 0..8 {
             let i = c0 + c;
+            prefetch_ahead(&x[i]);
             let ([sm], [sn]) = x[i].sums([&y[i]]);
             let (dx, dmx) = x[i].scales();
             (m[c], n[c], dm[c], dn[c]) = (sm, sn, dx * y[i].d, -dmx * y[i].d);
@@ -354,6 +355,7 @@ unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
     }
     let mut e = [acc];
     for i in c0..x.len() {
+        prefetch_ahead(&x[i]);
         let (sm, sn) = x[i].sums([&y[i]]);
         k_epilogue(
             &mut e,
@@ -518,19 +520,28 @@ pub(crate) unsafe fn vec_dot4<const VNNI: bool>(w: Weights<'_>, a: [Acts<'_>; 4]
 /// Concurrent read streams of decode's matvec per thread.
 const STREAMS: usize = 2;
 
-/// How many rows ahead in its stream decode prefetches a row (software prefetch, the whole
-/// row), by bits per weight. Below 6 bits decode does about as much arithmetic per byte as
-/// the memory delivers, and the loads must be in flight before the arithmetic reaches them:
-/// on Zen 3, 2 threads, from DRAM on 2 MiB pages (means of six alternating runs) Q4_0
-/// 14.8 -> 16.7 GB/s, Q4_1 17.3 -> 18.7, Q4_K 11.8 -> 13.3 with 4 rows ahead. Q6_K did not
-/// change (19.3 / 18.9) and Q8_0, half the arithmetic per byte, lost (14.9 -> 11.5): the
-/// hardware prefetchers already keep up there. In the model (spinfer bench, means of four or
-/// five alternating runs): TinyLlama Q4_K_M decode 20.8 -> 23.2 tok/s, Q4_0 22.5 -> 22.4.
-fn prefetch_rows(f: crate::Format) -> usize {
-    if f.block_bytes() * 8 < 6 * f.block_len() {
-        4
-    } else {
-        0
+/// How far ahead of its loads decode's dot product prefetches: with each group of blocks it
+/// reads, it asks for the lines 2 KiB further on in the same stream (into the stream's next
+/// row). Decode does about as much arithmetic per byte as one core's share of the memory
+/// delivers, and without help the two barely overlap (a matvec ran at about 1/(1/compute +
+/// 1/memory)); the hardware prefetchers alone do not run far enough ahead. On Zen 3, 2
+/// threads, a model-sized stack of 2048-column matrices from DRAM on 2 MiB pages
+/// (alternating runs, GB/s): Q4_0 13.6 -> 17.7 (mean of four; against whole rows prefetched 4
+/// rows ahead, which this replaces), Q4_1 14.0 -> 16.7, Q8_0 15.4 -> 17.5, Q4_K 15.2 ->
+/// 17.4, Q6_K 15.5 -> 18.2 (means of three). 1536 and 3072 bytes did about as well as 2048,
+/// 1024 worse; whole rows ahead had lost on Q8_0 (14.9 -> 11.5), whose bursts of 34
+/// prefetches per row came all at once.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Prefetch the lines of the bytes of `*p`, [`PREFETCH_BYTES`] further on. Past the end of
+/// the weights is harmless: a prefetch never faults, and the address is never dereferenced.
+#[inline(always)]
+unsafe fn prefetch_ahead<T>(p: *const T) {
+    let p = p as *const i8;
+    let mut o = 0;
+    while o < size_of::<T>() {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + o));
+        o += 64;
     }
 }
 
@@ -540,30 +551,16 @@ fn prefetch_rows(f: crate::Format) -> usize {
 /// (2 threads, TinyLlama Q4_0) one stream per thread decoded 17.3 tok/s, two 18.7, four 17.9
 /// (means of four interleaved runs; a standalone Q4_0/Q4_K matvec from DRAM read 11-12 GB/s
 /// with one, 13-14 with two to four). Adjacent rows interleaved would instead be short
-/// streams the prefetchers lose.
-///
-/// Each row is also prefetched `ahead` rows ahead in its stream (0: not at all).
+/// streams the prefetchers lose. The dot products prefetch ahead within their stream
+/// ([`PREFETCH_BYTES`]).
 #[inline(always)]
-unsafe fn streams<B>(
-    w: &[B],
-    bpr: usize,
-    ahead: usize,
-    mut dot: impl FnMut(&[B]) -> f32,
-    out: &mut [f32],
-) {
+unsafe fn streams<B>(w: &[B], bpr: usize, mut dot: impl FnMut(&[B]) -> f32, out: &mut [f32]) {
     let rows = out.len();
     let seg = rows.div_ceil(STREAMS);
-    let row_bytes = bpr * size_of::<B>();
     for i in 0..seg {
         for s in 0..STREAMS {
             let r = s * seg + i;
             if r < rows {
-                if ahead > 0 && i + ahead < seg && r + ahead < rows {
-                    let p = w[(r + ahead) * bpr..].as_ptr() as *const i8;
-                    for o in (0..row_bytes).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(o));
-                    }
-                }
                 out[r] = dot(&w[r * bpr..(r + 1) * bpr]);
             }
         }
@@ -578,23 +575,22 @@ unsafe fn streams<B>(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
-    let ahead = prefetch_rows(w.format());
     macro_rules! go {
         ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
             let bpr = $a.len();
             if bpr > 0 {
-                streams($w, bpr, ahead, |x| $dot(x, $a), $y);
+                streams($w, bpr, |x| $dot(x, $a), $y);
             } else {
                 $y.fill(0.0);
             }
         }};
     }
     match (w, a) {
-        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
-        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
-        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
-        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
-        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, ahead, y)),
+        (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),

@@ -351,6 +351,10 @@ unsafe fn dot_n<M: Mul, B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -
     let mut accm = [_mm_setzero_ps(); N];
     let (full, rest) = x.as_chunks::<4>();
     for (g, x4) in full.iter().enumerate() {
+        if N == 1 {
+            // Decode: keep the memory busy ahead of the arithmetic (see `PREFETCH_BYTES`).
+            super::prefetch_ahead(x4);
+        }
         step::<M, B, N>(x4, ys, g, &mut acc, &mut accm);
     }
     if !rest.is_empty() {
@@ -428,12 +432,7 @@ macro_rules! entry_points {
             /// # Safety
             /// The CPU must have the features named above.
             #[target_feature(enable = $feat)]
-            pub(in crate::quant) unsafe fn rows<B: Legacy>(
-                w: &[B],
-                y: &[B::A],
-                ahead: usize,
-                out: &mut [f32],
-            ) {
+            pub(in crate::quant) unsafe fn rows<B: Legacy>(w: &[B], y: &[B::A], out: &mut [f32]) {
                 let bpr = y.len();
                 if bpr == 0 {
                     return out.fill(0.0);
@@ -441,19 +440,13 @@ macro_rules! entry_points {
                 with_groups(bpr.div_ceil(4), |g| {
                     prepare(y, offset::<$M, B>(), g);
                     // SAFETY: the caller's CPU check.
-                    unsafe { rows_with::<B>(w, bpr, g, ahead, out) }
+                    unsafe { rows_with::<B>(w, bpr, g, out) }
                 })
             }
 
             #[target_feature(enable = $feat)]
-            unsafe fn rows_with<B: Legacy>(
-                w: &[B],
-                bpr: usize,
-                g: &[Group],
-                ahead: usize,
-                out: &mut [f32],
-            ) {
-                crate::quant::avx2::streams(w, bpr, ahead, |x| dot_n::<$M, B, 1>(x, [g])[0], out)
+            unsafe fn rows_with<B: Legacy>(w: &[B], bpr: usize, g: &[Group], out: &mut [f32]) {
+                crate::quant::avx2::streams(w, bpr, |x| dot_n::<$M, B, 1>(x, [g])[0], out)
             }
 
             /// `matmul_tile` for a legacy format: `out` (n, rows) = the n token rows of `a` × the
