@@ -50,7 +50,7 @@ thread_local! {
 
 /// The 8×8 transpose of 32-bit elements: `v[r]` dword i becomes `v[i]` dword r.
 #[inline(always)]
-unsafe fn transpose(v: &mut [__m256i; 8]) {
+pub(super) unsafe fn transpose(v: &mut [__m256i; 8]) {
     let t: [__m256i; 8] = std::array::from_fn(|i| {
         let (a, b) = (v[i & !1], v[i | 1]);
         if i % 2 == 0 {
