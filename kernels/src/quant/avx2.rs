@@ -16,11 +16,11 @@
 //!   into a panel (`avx2/panel.rs`): one `vpmaddubsw` then takes four values of eight rows,
 //!   and nothing crosses lanes. Q4_0 prefill went from 88 to 115-125 GOP/s and Q4_1 from 80
 //!   to 109 on one Zen 3 thread (64 tokens, alternating runs), with the same bits as decode;
-//!   Q4_K and Q5_K do the same from four tokens on (`avx2/kpanel.rs`: four tokens share each
-//!   weight load, and one `vpmaddwd` scales eight rows' half sub-blocks): on one Zen 3 thread
-//!   Q4_K prefill went from 96 to 134 GOP/s and Q5_K from 80 to 136 (64 tokens), and
-//!   TinyLlama Q4_K_M prefill from 62 to 96 tok/s on two. Q6_K keeps the row-at-a-time tile.
-//!   Otherwise
+//!   The k-quants do the same from four tokens on (`avx2/kpanel.rs`: four tokens share each
+//!   weight load, and one `vpmaddwd` scales eight rows' 16 or 8 values): on one Zen 3 thread
+//!   Q4_K prefill went from 96 to 134 GOP/s, Q5_K from 80 to 136 and Q6_K from 104 to 138
+//!   (64 tokens), and TinyLlama Q4_K_M prefill from 62 to 96 tok/s on two. Otherwise (fewer
+//!   tokens, the last rows % 8)
 //!   the k-quants scale their sub-blocks in the integer `vpmaddwd`, reduce each
 //!   super-block to one exact i32 total per token (eight tokens, or eight super-blocks of one
 //!   token, in one transposing reduction) and then do scalar f32 multiply-adds per token.
@@ -423,13 +423,40 @@ unsafe fn k4_sums<B: K4, const N: usize>(
     (main, mn)
 }
 
+/// Values 128j..128j+128 of a Q6_K super-block (the stored q + 32, 0..63) as four vectors
+/// of 32, in order.
+#[inline(always)]
+unsafe fn q6_values(x: &BlockQ6K, j: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let b1 = load(x.ql.as_ptr().add(64 * j));
+    let b2 = load(x.ql.as_ptr().add(64 * j + 32));
+    let bh = load(x.qh.as_ptr().add(32 * j));
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(b1, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(b2, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
+        ),
+    ]
+}
+
 /// A Q6_K super-block against `N` tokens' blocks. Values are multiplied as stored (q + 32,
 /// unsigned for `vpmaddubsw`); the 32·Σ sc·q8 this adds is taken off once per super-block from
 /// the activations' 16-value sums (`bsums`).
 #[inline(always)]
 unsafe fn q6_sums<const N: usize>(x: &BlockQ6K, ys: [&BlockQ8K; N]) -> [__m256i; N] {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     let mut sumi = [_mm256_setzero_si256(); N];
     // Σ sc·bsum over the 16 sub-blocks (|Σ| ≤ 16·128·16·127, far inside i32).
     let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
@@ -444,28 +471,7 @@ unsafe fn q6_sums<const N: usize>(x: &BlockQ6K, ys: [&BlockQ8K; N]) -> [__m256i;
         } else {
             _mm256_permute4x64_epi64::<0xEE>(sc16)
         };
-        let b1 = load(x.ql.as_ptr().add(64 * j));
-        let b2 = load(x.ql.as_ptr().add(64 * j + 32));
-        let bh = load(x.qh.as_ptr().add(32 * j));
-        // Values 0..63 (the stored q + 32) of the four quarters of this 128.
-        let q = [
-            _mm256_or_si256(
-                _mm256_and_si256(b1, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(b2, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2)),
-            ),
-        ];
+        let q = q6_values(x, j);
         for (k, &qk) in q.iter().enumerate() {
             // Values 0..15 of the quarter use scale 8j+2k (low lane), 16..31 the next.
             let (b0, b1) = ((4 * k) as i16, (4 * k + 2) as i16);
@@ -659,6 +665,7 @@ pub(crate) unsafe fn matmul_tile<const VNNI: bool>(
         (Weights::Q5K(w), Acts::Q8K(a)) if n >= KPANEL_MIN_TOKENS => kpanel::tile(w, a, n, out),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(w, a),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(w, a),
+        (Weights::Q6K(w), Acts::Q8K(a)) if n >= KPANEL_MIN_TOKENS => kpanel::tile(w, a, n, out),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(w, a),
         _ => panic!(
             "matmul_tile: {} weights with {:?} activations",
