@@ -6,7 +6,8 @@
 //!
 //! Which path runs where:
 //! - decode (one token): [`matvec_rows`], each row a dot product; the rows of a thread's block
-//!   are read as [`STREAMS`] interleaved sequential streams (memory, not arithmetic, bounds it);
+//!   are read as [`STREAMS`] interleaved sequential streams, prefetched [`PREFETCH_BYTES`]
+//!   ahead (memory and arithmetic both bound it, and must overlap);
 //! - prefill and decode batches: [`matmul_tile`], tiles of `TILE_ROWS` weight rows passed
 //!   eight tokens at a time for the k-quants (each block unpacked once per group: more tokens
 //!   amortize the unpacking, and the k-quant bodies keep only one token's sums live at a time,
