@@ -62,10 +62,11 @@ const FLOAT_NMSE: f64 = 1e-10;
 /// The same for block-format (quantized GGUF) weights. Their products quantize activations to
 /// 8 bits per 32-value block; an activation that the summation order moves by one f32 ulp
 /// across a rounding boundary changes by one quantization step (≤ max|x|/127 of its block),
-/// the size of the error the format already makes: NMSE up to ~1e-4 per affected product
-/// (measured: 1.1e-4 on gguf-q8_0, whose 4-token dot sums blocks in another order than the
-/// 1-token one; exactly 0 for the other block formats). 1e-3 bounds it, as tests/llama.rs
-/// bounds bf16 activation rounding, and stays three orders below a wrong result.
+/// the size of the error the format already makes: NMSE up to ~1e-4 per affected product.
+/// 1e-3 bounds it, as tests/llama.rs bounds bf16 activation rounding, and stays three orders
+/// below a wrong result. (Measured at 3363062: exactly 0 on every block-format fixture, since
+/// each x86 tier gives a token the same bits batched or alone, as kernels/tests/quant.rs
+/// checks; earlier gguf-q8_0 gave 1.1e-4.)
 const BLOCK_NMSE: f64 = 1e-3;
 
 #[test]
