@@ -8,7 +8,7 @@
 //! shuffles and adds per four blocks and token). Here no lane crosses: per block, token and
 //! eight rows there are 8 `vpmaddubsw`, 6 adds and 2 `vpmaddwd` (Q4/Q5), then the f32 steps.
 //! llama.cpp repacks Q4_0 this way once, at load time, into a second copy of the weights; a
-//! panel is only the tile in flight (eight rows, about 9 KiB per 2048 columns), rebuilt from
+//! panel is only the tile in flight (eight rows, 20 KiB per 2048 columns), rebuilt from
 //! the file's blocks while every token of the batch passes over it.
 //!
 //! Same bits as decode: each (row, token) sum takes `dot_n`'s f32 steps in its order. Lane j of
