@@ -16,15 +16,15 @@
 //!   f32 work. From two tokens on, their tile instead transposes eight weight rows at a time
 //!   into a panel (`avx2/panel.rs`): one `vpmaddubsw` then takes four values of eight rows,
 //!   and nothing crosses lanes. Q4_0 prefill went from 88 to 115-125 GOP/s and Q4_1 from 80
-//!   to 109 on one Zen 3 thread (64 tokens, alternating runs), with the same bits as decode;
+//!   to 109 on one Zen 3 thread (64 tokens, alternating runs), with the same bits as decode.
 //!   The k-quants do the same from four tokens on (`avx2/kpanel.rs`: four tokens share each
 //!   weight load, and one `vpmaddwd` scales eight rows' 16 or 8 values): on one Zen 3 thread
 //!   Q4_K prefill went from 96 to 134 GOP/s, Q5_K from 80 to 136 and Q6_K from 104 to 138
-//!   (64 tokens), and TinyLlama Q4_K_M prefill from 62 to 96 tok/s on two. Otherwise (fewer
-//!   tokens, the last rows % 8)
-//!   the k-quants scale their sub-blocks in the integer `vpmaddwd`, reduce each
-//!   super-block to one exact i32 total per token (eight tokens, or eight super-blocks of one
-//!   token, in one transposing reduction) and then do scalar f32 multiply-adds per token.
+//!   (64 tokens), and TinyLlama Q4_K_M prefill from 62 to 96 tok/s on two. Below four tokens,
+//!   and for the last rows % 8, the k-quants scale their sub-blocks in the integer
+//!   `vpmaddwd`, reduce each super-block to one exact i32 total per token (eight tokens, or
+//!   eight super-blocks of one token, in one transposing reduction) and then do scalar f32
+//!   multiply-adds per token.
 //!   Together (eight tokens, integer totals) these took Q4_K prefill from 82 to 101 GOP/s on
 //!   one Zen 3 thread (64 tokens, six alternating runs each), where four tokens with eight f32
 //!   lanes each spilled registers.
@@ -530,8 +530,8 @@ pub(crate) unsafe fn vec_dot4<const VNNI: bool>(w: Weights<'_>, a: [Acts<'_>; 4]
     }
 }
 
-/// Tokens from which Q4_K and Q5_K prefill goes through eight-row panels (`avx2/kpanel.rs`),
-/// which pass four tokens at a time over each panel.
+/// Tokens from which k-quant prefill goes through eight-row panels (`avx2/kpanel.rs`), which
+/// pass four tokens at a time over each panel.
 const KPANEL_MIN_TOKENS: usize = 4;
 
 /// Concurrent read streams of decode's matvec per thread.

@@ -34,6 +34,7 @@ pub(super) trait Mul {
     const WIDE: bool;
     unsafe fn us8(a: __m256i, b: __m256i) -> __m256i;
     /// `acc` plus [`Mul::us8`].
+    #[inline(always)]
     unsafe fn us8_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi32(acc, Self::us8(a, b))
     }
@@ -380,8 +381,9 @@ fn with_groups<R>(len: usize, f: impl FnOnce(&mut [Group]) -> R) -> R {
 }
 
 /// Tokens from which prefill's tile transposes eight weight rows at a time into a panel
-/// (`avx2/panel.rs`) rather than taking each row alone: packing a block of eight rows costs about
-/// what one token's row-at-a-time dot does, and each further token is ~2.5x cheaper there.
+/// (`avx2/panel.rs`) rather than taking each row alone. By instruction count, packing a block
+/// of eight rows costs about one token's row-at-a-time dot, so two tokens already gain; only
+/// 64 tokens were measured (see `avx2.rs`).
 const PANEL_MIN_TOKENS: usize = 2;
 
 /// The entry points (`dot`, `dot4`, `rows`, `tile`) for one [`Mul`], compiled with its target
