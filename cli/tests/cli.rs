@@ -80,6 +80,26 @@ fn help_prints_usage_and_succeeds() {
 }
 
 #[test]
+fn help_lists_each_option_once() {
+    for cmd in ["infer", "embed", "bench", "serve"] {
+        let o = spinfer(&[cmd, "--help"]);
+        assert_eq!(o.status.code(), Some(0), "{cmd} --help");
+        let text = stdout(&o);
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(opt) = line.strip_prefix("  --") {
+                let name = opt.split_whitespace().next().unwrap_or_default();
+                assert!(
+                    seen.insert(name.to_string()),
+                    "{cmd} --help lists --{name} twice"
+                );
+            }
+        }
+        assert!(!seen.is_empty(), "{cmd} --help lists no options");
+    }
+}
+
+#[test]
 fn bad_arguments_print_usage_and_exit_2() {
     let cases: &[(&[&str], &str)] = &[
         (&[], "error: no command given"),

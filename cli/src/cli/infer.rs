@@ -25,8 +25,6 @@ Options (defaults are Spin's):
   --seed S                     fix the sampler's seed (reproducible output) [default: random]
   --chat                       PROMPT is a user message: apply the model's chat template
   --system TEXT                with --chat: a system message before it
-  --chat                       PROMPT is a user message: apply the model's chat template
-  --system TEXT                with --chat: a system message before it
   --json                       print only {\"text\": ..., \"usage\": {\"prompt_token_count\": n,
                                \"generated_token_count\": n}}
   -h, --help                   this message
