@@ -547,7 +547,10 @@ const STREAMS: usize = 2;
 /// rows ahead, which this replaces), Q4_1 14.0 -> 16.7, Q8_0 15.4 -> 17.5, Q4_K 15.2 ->
 /// 17.4, Q6_K 15.5 -> 18.2 (means of three). 1536 and 3072 bytes did about as well as 2048,
 /// 1024 worse; whole rows ahead had lost on Q8_0 (14.9 -> 11.5), whose bursts of 34
-/// prefetches per row came all at once.
+/// prefetches per row came all at once. Exactly one prefetch per line (a group's 72 or 136
+/// bytes ask for some lines twice here) did no better: Q4_0 17.5 and 17.6 GB/s against 19.9
+/// and 19.7 in one process, 24.2-24.9 against 24.6-25.4 in another; Q8_0, Q4_1 and Q4_K
+/// within 3% (Zen 3, both bodies interleaved in one process, medians of 10-12).
 const PREFETCH_BYTES: usize = 2048;
 
 /// Prefetch the lines of the bytes of `*p`, [`PREFETCH_BYTES`] further on. Past the end of
