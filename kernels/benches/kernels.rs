@@ -1,6 +1,7 @@
 //! Kernel throughput at real model sizes, beside this machine's limits measured in the same
-//! run. matvec reports GB/s of weights read; matmul reports FLOPs as criterion "elements", so
-//! its Gelem/s column reads as GFLOP/s (2·n·m·k FLOP per product).
+//! run. matvec reports bytes of weights read per second (`matvec` one matrix from cache,
+//! `matvec-stack` a model-sized stack from memory, as decode reads it); matmul reports FLOPs as
+//! criterion "elements", so its Gelem/s column reads as GFLOP/s (2·n·m·k FLOP per product).
 //!
 //! `cargo bench -p spinfer-kernels --bench kernels` (add a filter such as `matvec/bf16` to run
 //! fewer). Sample counts are small: the machine is shared.
@@ -119,6 +120,37 @@ fn matvec(c: &mut Criterion) {
     g.finish();
 }
 
+/// Decode as a model runs it: one matvec per matrix through a stack of TinyLlama FFN-sized
+/// matrices (5632 x 2048) far larger than the caches, so that the weights come from memory
+/// (`matvec` above reads one matrix over and over, from cache). Quantized bytes per second,
+/// to set beside the bandwidth printed at the start (criterion prints GiB/s: x 1.074 for
+/// GB/s).
+fn matvec_stack(c: &mut Criterion) {
+    let k = kernels();
+    let (rows, cols) = (5632, 2048);
+    let x = values(cols, 3);
+    let mut y = vec![0f32; rows];
+    let mut g = c.benchmark_group("matvec-stack");
+    for (name, f) in QUANT {
+        let count = (512 << 20) / (f.row_bytes(cols).unwrap() * rows);
+        let m = QMat::new(f, count * rows, cols);
+        let w = m.w();
+        let n = rows * cols;
+        g.throughput(Throughput::Bytes(w.bytes() as u64));
+        g.bench_function(
+            BenchmarkId::new(name, format!("{count}x{rows}x{cols}")),
+            |b| {
+                b.iter(|| {
+                    for i in 0..count {
+                        k.matvec(black_box(w.slice(i * n, (i + 1) * n)), &x, &mut y)
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 fn matmul(c: &mut Criterion) {
     let k = kernels();
     let (n, m, kk) = (128, 2048, 2048);
@@ -207,7 +239,7 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
-    targets = matvec, matmul, matmul_batch
+    targets = matvec, matvec_stack, matmul, matmul_batch
 }
 
 fn main() {
