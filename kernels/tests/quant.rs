@@ -243,7 +243,7 @@ fn col_sizes(f: Format) -> &'static [usize] {
     if f.block_len() == 256 {
         &[256, 768, 1024]
     } else {
-        &[32, 96, 224, 1024]
+        &[32, 96, 192, 224, 1024]
     }
 }
 
@@ -382,8 +382,8 @@ fn matmul_token_rows_equal_matvec_bit_for_bit() {
     // single-token dots are the multi-token bodies with N = 1, so this holds exactly; 13 and
     // 16 tokens pass through the eight- and four-token groups of the k-quant tiles. The legacy
     // formats' eight-row panels take dot_n's steps in its order: 37 rows are four panels and
-    // five lone rows, and the column counts give rows of 1, 3, 7 and 32 blocks (whole groups
-    // of four and a partial last one).
+    // five lone rows, and the column counts give rows of 1, 3, 6, 7 and 32 blocks (whole
+    // groups of four and a partial last one of each length).
     let mut rng = Rng(11);
     for f in block_formats() {
         for &cols in col_sizes(f) {

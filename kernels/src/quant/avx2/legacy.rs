@@ -266,8 +266,8 @@ pub(super) unsafe fn scales<B: Legacy>(h: [u64; 4]) -> (__m256, __m128) {
     }
 }
 
-/// A group's values and scales: four blocks, or the 1..=3 at a row's end with zero values
-/// and scales in place of the missing ones (they add nothing).
+/// A group's values and scales: `K` blocks (four, or the 1..=3 at a row's end), with zero
+/// values and scales in place of the missing ones (they add nothing).
 ///
 /// The four d put together here cost about a fifth of a Q4_0 row on one Zen 3 core (from L3
 /// 16-17 GB/s, 20-21 with constant scales and wrong results), but no other way to get them
@@ -275,12 +275,12 @@ pub(super) unsafe fn scales<B: Legacy>(h: [u64; 4]) -> (__m256, __m128) {
 /// halves stored per row and converted before the row (the same; converted a row later,
 /// slower).
 #[inline(always)]
-unsafe fn unpack<B: Legacy>(x: &[B]) -> ([__m256i; 4], __m256, __m128) {
+unsafe fn unpack<B: Legacy, const K: usize>(x: &[B; K]) -> ([__m256i; 4], __m256, __m128) {
     let mut q = [_mm256_setzero_si256(); 4];
     let mut h = [0u64; 4];
-    for (j, b) in x.iter().enumerate().take(4) {
-        q[j] = b.values();
-        h[j] = head(b);
+    for j in 0..K {
+        q[j] = x[j].values();
+        h[j] = head(&x[j]);
     }
     let (d, m) = scales::<B>(h);
     (q, d, m)
@@ -302,11 +302,13 @@ unsafe fn fold4(p: [__m256i; 4]) -> __m256i {
     _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
 }
 
-/// Blocks 4g..4g+4 of one weight row (`x`: 4 blocks, or fewer at the row's end) against `N`
-/// tokens' groups `g`.
+/// Blocks 4g..4g+K of one weight row (`x`: 4 blocks, or the 1..=3 at the row's end) against
+/// `N` tokens' groups `g`. A short group's missing blocks are zero vectors without loads or
+/// multiplies, so its sums are the same bits as a full step over zero blocks (what the panels
+/// compute) at the cost of K blocks: SmolLM2's 576-column rows end in a group of two.
 #[inline(always)]
-unsafe fn step<M: Mul, B: Legacy, const N: usize>(
-    x: &[B],
+unsafe fn step<M: Mul, B: Legacy, const N: usize, const K: usize>(
+    x: &[B; K],
     ys: [&[Group]; N],
     g: usize,
     acc: &mut [__m256; N],
@@ -318,7 +320,7 @@ unsafe fn step<M: Mul, B: Legacy, const N: usize>(
     // (No closures here: one defined in this function would not get the caller's target
     // features, and its intrinsics would not inline.)
     let mut u = q;
-    for j in 0..4 {
+    for j in 0..K {
         if sign_trick {
             u[j] = _mm256_sign_epi8(q[j], q[j]);
         } else if B::SIGNED {
@@ -328,7 +330,7 @@ unsafe fn step<M: Mul, B: Legacy, const N: usize>(
     for t in 0..N {
         let gr = &ys[t][g];
         let mut p = [_mm256_setzero_si256(); 4];
-        for j in 0..4 {
+        for j in 0..K {
             let y = _mm256_load_si256(gr.qs[j].as_ptr() as *const __m256i);
             let y = if sign_trick {
                 _mm256_sign_epi8(y, q[j])
@@ -362,10 +364,15 @@ unsafe fn dot_n<M: Mul, B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -
             // Decode: keep the memory busy ahead of the arithmetic (see `PREFETCH_BYTES`).
             super::prefetch_ahead(x4);
         }
-        step::<M, B, N>(x4, ys, g, &mut acc, &mut accm);
+        step::<M, B, N, 4>(x4, ys, g, &mut acc, &mut accm);
     }
-    if !rest.is_empty() {
-        step::<M, B, N>(rest, ys, full.len(), &mut acc, &mut accm);
+    // The 1..=3 blocks left, in place (the lengths match, so the conversions cannot fail).
+    let g = full.len();
+    match rest.len() {
+        0 => {}
+        1 => step::<M, B, N, 1>(rest.try_into().unwrap(), ys, g, &mut acc, &mut accm),
+        2 => step::<M, B, N, 2>(rest.try_into().unwrap(), ys, g, &mut acc, &mut accm),
+        _ => step::<M, B, N, 3>(rest.try_into().unwrap(), ys, g, &mut acc, &mut accm),
     }
     let mut out = [0.0; N];
     for t in 0..N {
