@@ -417,8 +417,8 @@ impl Forward<'_> {
                 let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
                 t.matvecs_shared(k, &[(wq, q), (wk, kn), (wv, vn)], xn);
 
-                // Attention by kv head (chunk g of each buffer is kv head g's): RoPE, into
-                // the cache, then the group's query heads.
+                // The new key (RoPE'd) and value into the cache, by kv head (chunk g of each
+                // buffer is kv head g's).
                 let layer = layout.range(l, 0).start..layout.range(l, nkv - 1).end;
                 let per = layout.range(l, 0).len();
                 let bufs = [
@@ -426,24 +426,25 @@ impl Forward<'_> {
                     (v_store.sub(layer), per),
                     (kn, hd),
                     (vn, hd),
-                    (q, group * hd),
-                    (scores, group * row),
-                    (att, group * hd),
                 ];
-                t.share_chunks(nkv, bufs, |_, [kc, vc, kg, vg, qg, sc, out]| {
-                    let mut kvh = layout.head(kc, vc);
+                t.share_chunks(nkv, bufs, |_, [kc, vc, kg, vg]| {
                     self.rope(kg, cos, sin);
-                    kvh.write(p0, kg, vg);
-                    for j in 0..group {
-                        let qh = &mut qg[j * hd..(j + 1) * hd];
-                        self.rope(qh, cos, sin);
-                        let (sc, out) = (
-                            &mut sc[j * row..(j + 1) * row],
-                            &mut out[j * hd..(j + 1) * hd],
-                        );
-                        self.attend(kvh.read(), qh, len, sc, out);
-                    }
+                    layout.head(kc, vc).write(p0, kg, vg);
                 });
+                // Then attention by query head, reading its kv head: shared out by kv head,
+                // SmolLM2's three would leave one of two threads idle a third of the time.
+                t.share_chunks(
+                    cfg.num_attention_heads,
+                    [(q, hd), (scores, row), (att, hd)],
+                    |i, [qh, sc, out]| {
+                        let r = layout.range(l, i / group);
+                        // SAFETY: nothing writes the cache in this phase (the writes above
+                        // ended with its barrier); the outputs are other buffers.
+                        let (kc, vc) = unsafe { (&k_store.get()[r.clone()], &v_store.get()[r]) };
+                        self.rope(qh, cos, sin);
+                        self.attend(layout.head_ref(kc, vc), qh, len, sc, out);
+                    },
+                );
                 t.matvecs_shared(k, &[(self.w.w(lw.wo), xn)], att);
                 t.serial([x, xn], |[x, xn]| {
                     k.add(x, xn);

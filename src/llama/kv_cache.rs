@@ -189,6 +189,22 @@ impl KvLayout {
     }
 }
 
+impl KvLayout {
+    /// A head to read, from its parts of the storage (as cut by [`KvLayout::range`]).
+    pub fn head_ref<'a>(&self, k: &'a [f32], v: &'a [f32]) -> KvHead<'a> {
+        assert!(
+            k.len() == self.per() && v.len() == self.per(),
+            "KvLayout::head_ref: not one head"
+        );
+        KvHead {
+            capacity: self.capacity,
+            head_dim: self.head_dim,
+            k,
+            v,
+        }
+    }
+}
+
 impl KvHeadMut<'_> {
     /// Store the key and value of position `pos`.
     pub fn write(&mut self, pos: usize, key: &[f32], value: &[f32]) {
