@@ -590,9 +590,10 @@ impl<'a> MatvecBlocks<'a> {
         // ~256 KiB of the first matrix's rows, but at least two blocks per thread over all
         // rows: a small model's matrices (SmolLM2's 576-row ones are 200 KiB in Q4_1) would
         // otherwise be one block that one thread computes while the other waits. Each block
-        // has a cost of its own (its streams start cold, its activations are prepared): with
-        // eight blocks per thread SmolLM2-135M decoded ~12% slower than with two, with four
-        // ~7% (Zen 3, 2 threads, 16 alternating runs each); one per thread tied with two.
+        // costs something of its own (its activations are prepared again, its streams start
+        // over; prefetching their first lines did not help): SmolLM2-135M decoded ~12% faster
+        // with two blocks per thread than with eight (14 of 16 alternating runs), ~10% with
+        // four (11 of 16); one tied with two (8 of 16), and sixteen lost 15 of 16 (Zen 3).
         let total: usize = mb.parts[..mb.n].iter().map(|p| p.2).sum();
         if let Some(&(w, _, rows)) = mb.parts[..mb.n].first() {
             let cap = (256 << 10) / (w.bytes() / rows.max(1)).max(1);

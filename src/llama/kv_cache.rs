@@ -145,12 +145,7 @@ impl KvCache {
     /// Kv head `head` of `layer`, to read.
     pub fn head(&self, layer: usize, head: usize) -> KvHead<'_> {
         let r = self.layout.range(layer, head);
-        KvHead {
-            capacity: self.layout.capacity,
-            head_dim: self.layout.head_dim,
-            k: &self.k[r.clone()],
-            v: &self.v[r],
-        }
+        self.layout.head_ref(&self.k[r.clone()], &self.v[r])
     }
 
     /// The key and value storage, for threads that share the heads out among them: each cuts
@@ -187,9 +182,7 @@ impl KvLayout {
             v,
         }
     }
-}
 
-impl KvLayout {
     /// A head to read, from its parts of the storage (as cut by [`KvLayout::range`]).
     pub fn head_ref<'a>(&self, k: &'a [f32], v: &'a [f32]) -> KvHead<'a> {
         assert!(
@@ -212,15 +205,6 @@ impl KvHeadMut<'_> {
         self.k[pos * hd..(pos + 1) * hd].copy_from_slice(key);
         for (d, &v) in value.iter().enumerate() {
             self.v[d * self.capacity + pos] = v;
-        }
-    }
-
-    pub fn read(&self) -> KvHead<'_> {
-        KvHead {
-            capacity: self.capacity,
-            head_dim: self.head_dim,
-            k: self.k,
-            v: self.v,
         }
     }
 }
