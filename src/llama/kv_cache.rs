@@ -163,16 +163,15 @@ impl KvLayout {
 
     /// Where head (`layer`, `head`) lies in each of [`KvCache::storage_mut`]'s slices.
     pub fn range(&self, layer: usize, head: usize) -> Range<usize> {
-        let per = self.capacity * self.head_dim;
+        let per = self.per();
         let i = layer * self.kv_heads + head;
         i * per..(i + 1) * per
     }
 
     /// A head from its parts of the storage (as cut by [`KvLayout::range`]).
     pub fn head<'a>(&self, k: &'a mut [f32], v: &'a mut [f32]) -> KvHeadMut<'a> {
-        let per = self.capacity * self.head_dim;
         assert!(
-            k.len() == per && v.len() == per,
+            k.len() == self.per() && v.len() == self.per(),
             "KvLayout::head: not one head"
         );
         KvHeadMut {
