@@ -520,11 +520,27 @@ impl Policy {
         }
     }
 
-    /// The precision for a product of `n` tokens with `w`.
+    /// The precision for a product of `n` tokens with `w` (the process-wide
+    /// [`Kernels::matmul`]'s choice: one token is a matrix-vector product).
     pub fn precision(self, w: Weights<'_>, n: usize) -> Precision {
         if self.amx && matches!(w, Weights::Bf16(_)) && n >= AMX_MIN_N && amx_available() {
             Precision::Amx
         } else if self.bf16_dot {
+            Precision::Bf16Dot
+        } else {
+            Precision::Exact
+        }
+    }
+
+    /// The precision for a prompt's rows with `w`, however many there are (even one). The
+    /// rounded kernels compute each token row on its own (AMX: its own tile row; bf16 dot: its
+    /// own accumulators), so a prompt token rounds the same alone, in any chunk and beside
+    /// other sequences' tokens. Models run generated tokens exact (see `Forward::matmul`).
+    pub fn prompt(self, w: Weights<'_>) -> Precision {
+        let bf16 = matches!(w, Weights::Bf16(_));
+        if self.amx && bf16 && amx_available() {
+            Precision::Amx
+        } else if self.bf16_dot && bf16 {
             Precision::Bf16Dot
         } else {
             Precision::Exact
@@ -882,7 +898,8 @@ impl Kernels {
             "matmul: w is not (m, k)"
         );
         let (k, m) = (x.len() / n, y.len() / n);
-        if n == 1 {
+        // One token is a matrix-vector product, unless a bf16 weight should round it.
+        if n == 1 && !(prec != Precision::Exact && matches!(w, Weights::Bf16(_))) {
             return self.matvec(w, x, y);
         }
         if !w.format().is_float() {

@@ -143,3 +143,47 @@ fn matmul_default_uses_amx_and_the_exact_policy_does_not() {
     };
     assert_eq!(amx_policy.precision(w, n), want);
 }
+
+/// The rounded precisions compute each token row on its own: a row's bits are the same alone
+/// (n = 1, which must not fall back to the exact matrix-vector product) and at any place in
+/// any batch. Models rely on it to round a prompt's rows the same however they are chunked or
+/// batched (src/llama/forward.rs, `Run`).
+#[test]
+fn rounded_rows_are_the_same_alone_and_in_any_batch() {
+    let Some(k) = avx512() else { return };
+    let mut rng = Rng(14);
+    let (m, kk) = (70, 300);
+    let wv: Vec<bf16> = rng
+        .vec(m * kk, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let w = Weights::Bf16(&wv);
+    let x = rng.vec(37 * kk, 1.0);
+    let mut precisions = Vec::new();
+    if spinfer_kernels::amx_available() {
+        precisions.push(Precision::Amx);
+    }
+    if k.has_bf16_dot() {
+        precisions.push(Precision::Bf16Dot);
+    }
+    for p in precisions {
+        let mut batch = vec![0f32; 37 * m];
+        k.matmul_with(p, w, &x, 37, &mut batch);
+        let mut exact = vec![0f32; m];
+        k.matvec(w, &x[..kk], &mut exact);
+        for (t0, n) in [(0, 1), (5, 1), (36, 1), (3, 2), (10, 17), (1, 33)] {
+            let mut y = vec![0f32; n * m];
+            k.matmul_with(p, w, &x[t0 * kk..(t0 + n) * kk], n, &mut y);
+            assert_eq!(
+                y,
+                batch[t0 * m..(t0 + n) * m],
+                "{p:?} rows {t0}..{}",
+                t0 + n
+            );
+        }
+        let mut one = vec![0f32; m];
+        k.matmul_with(p, w, &x[..kk], 1, &mut one);
+        assert_ne!(one, exact, "{p:?} with one token took the exact matvec");
+    }
+}

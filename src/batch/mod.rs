@@ -18,7 +18,10 @@
 //! - Batch invariance: block-format (GGUF) weights give a token bit-identical results in any
 //!   batch (the quantized kernels run the same arithmetic per token for any token count);
 //!   float weights agree within f32 summation order, since one, two to three, and more tokens
-//!   take different kernel tiles (`tests/batch.rs` states the bound).
+//!   take different kernel tiles (`tests/batch.rs` states the bound). Where a model's policy
+//!   rounds bf16 products (AMX, AVX-512 BF16 dots), only a prompt's rows round, each on its
+//!   own, and generated tokens run exact batched or alone (`llama::forward::Run`): a batched
+//!   decode once took AMX where its lone run took the exact matvec, and sampled text changed.
 //! - Memory: every sequence's KV cache is allocated whole at admission (prompt + max tokens)
 //!   against a byte budget shared by the engine's models, which also holds the prefix cache
 //!   ([`prefix`]); a request that does not fit now waits in a bounded queue.

@@ -27,6 +27,12 @@ impl Seq {
     fn pending(&self) -> usize {
         self.history.len() - self.pos
     }
+
+    /// Whether its next tokens are a prompt's in `forward::Run`'s sense: of a prompt of two or
+    /// more tokens (as `LlamaModel::forward` takes it), however it is chunked or restored.
+    fn prompt(&self) -> bool {
+        self.n_prompt > 1 && self.pos < self.n_prompt
+    }
 }
 
 /// How long a step that prefills beside running decodes may take, in pure decode steps: the
@@ -362,8 +368,9 @@ fn step(
     let running: Vec<usize> = (0..active.len()).filter(|&i| take[i] > 0).collect();
     if let [i] = running[..] {
         let s = &mut active[i];
+        let prompt = s.prompt();
         let tokens = &s.history[s.pos..s.pos + take[i]];
-        let logits = m.forward_on(lone, &mut s.kv, s.pos, tokens)?;
+        let logits = m.forward_on(lone, &mut s.kv, s.pos, tokens, prompt)?;
         lone_logits.clear();
         lone_logits.extend_from_slice(logits);
         return Ok(Rows::Lone);
@@ -374,6 +381,7 @@ fn step(
         .filter(|(_, &n)| n > 0)
         .map(|(s, &n)| Segment {
             logits: s.pos + n == s.history.len(),
+            prompt: s.prompt(),
             tokens: &s.history[s.pos..s.pos + n],
             pos: s.pos,
             kv: &mut s.kv,

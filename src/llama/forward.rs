@@ -7,7 +7,7 @@ use super::model::ModelWeights;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use spinfer_kernels::team::{self, Shared};
-use spinfer_kernels::{Kernels, Policy, Weights};
+use spinfer_kernels::{Kernels, Policy, Precision, Weights};
 
 /// Most tokens one pass processes; longer prompts run in chunks of this size so scratch stays
 /// bounded (the weights are then streamed once per chunk, which costs little at this size).
@@ -146,14 +146,57 @@ pub(crate) struct Forward<'a> {
     pub inv_freq: &'a [f32], // (head_dim/2)
 }
 
+/// Consecutive token rows of one kind in a pass (`end`: one past its last row). A prompt's
+/// rows take the rounded precision the model's [`Policy`] allows for bf16 weights (AMX or
+/// bf16 dots, for prefill speed); generated tokens' rows run exact, as a lone decode does.
+/// The kind is the token's own, never the batch's: a token then computes the same alone, in
+/// any prompt chunk, or beside other sequences' tokens (the rounded kernels compute each row
+/// on its own). A prompt of one token counts as generated, as `LlamaModel::forward` sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run {
+    pub end: usize,
+    pub prompt: bool,
+}
+
 impl Forward<'_> {
-    /// y = x Wᵀ for `n` rows, rounded as the model's [`Policy`] allows; the matrix-vector
-    /// kernel for a single row (decode).
-    fn matmul(&self, w: Weights<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-        match n {
-            1 => self.k.matvec(w, x, y),
-            _ => self.k.matmul_with(self.policy.precision(w, n), w, x, n, y),
+    fn precision(&self, w: Weights<'_>, prompt: bool) -> Precision {
+        if prompt {
+            self.policy.prompt(w)
+        } else {
+            Precision::Exact
         }
+    }
+
+    /// Whether a prompt's rows round anywhere in this model (its bf16 matrices and policy).
+    pub fn rounds_prompts(&self) -> bool {
+        let lw = &self.w.layers[0];
+        self.policy.prompt(self.w.w(lw.wq)) != Precision::Exact
+    }
+
+    /// y = x Wᵀ for the rows of `runs` (x `(n, k)`, y `(n, m)`, n the last run's end), each
+    /// run at its kind's precision; neighbouring runs of one precision share a call, and a
+    /// lone exact row is a matrix-vector product.
+    fn matmul(&self, w: Weights<'_>, x: &[f32], runs: &[Run], y: &mut [f32]) {
+        let n = runs.last().map_or(0, |r| r.end);
+        let (k, m) = (x.len() / n, y.len() / n);
+        let mut start = 0;
+        for (i, r) in runs.iter().enumerate() {
+            let p = self.precision(w, r.prompt);
+            if runs
+                .get(i + 1)
+                .is_some_and(|next| self.precision(w, next.prompt) == p)
+            {
+                continue;
+            }
+            let (x, y) = (&x[start * k..r.end * k], &mut y[start * m..r.end * m]);
+            self.k.matmul_with(p, w, x, r.end - start, y);
+            start = r.end;
+        }
+    }
+
+    /// Whether a single row of this kind may take the fused matrix-vector products.
+    fn exact_row(&self, runs: &[Run], ws: &[Weights<'_>]) -> bool {
+        matches!(runs, [r] if r.end == 1 && ws.iter().all(|&w| self.precision(w, r.prompt) == Precision::Exact))
     }
 
     /// Check a request before touching the state.
@@ -231,11 +274,18 @@ impl Forward<'_> {
         k.matvec_strided(Weights::F32(values), stride, s, out);
     }
 
-    /// Run `tokens` (at most `state.batch`) at positions `state.pos..` as one batch; leaves
-    /// the final hidden states in `state.x` and writes the last token's logits; with
-    /// `all_logits`, also appends every token's logits there (tests).
-    pub fn chunk(&self, s: &mut LlamaState, tokens: &[u32], all_logits: Option<&mut Vec<f32>>) {
+    /// Run `tokens` (at most `state.batch`; a prompt's if `prompt`, see [`Run`]) at positions
+    /// `state.pos..` as one batch; leaves the final hidden states in `state.x` and writes the
+    /// last token's logits; with `all_logits`, also appends every token's logits there (tests).
+    pub fn chunk(
+        &self,
+        s: &mut LlamaState,
+        tokens: &[u32],
+        prompt: bool,
+        all_logits: Option<&mut Vec<f32>>,
+    ) {
         let (cfg, k, n) = (self.cfg, self.k, tokens.len());
+        let runs = [Run { end: n, prompt }];
         debug_assert!(n >= 1 && n <= s.batch && s.pos + n <= s.capacity());
         let h = cfg.hidden_size;
         let embed = self.w.w(self.w.embed);
@@ -244,8 +294,8 @@ impl Forward<'_> {
         }
         self.rope_angles(s.pos, n, &mut s.cos, &mut s.sin);
         for l in 0..self.w.layers.len() {
-            self.attn_block(s, l, n);
-            self.ffn_block(s, l, n);
+            self.attn_block(s, l, &runs);
+            self.ffn_block(s, l, &runs);
         }
 
         // Final norm and lm_head: only the last row unless every row's logits were asked for.
@@ -270,8 +320,9 @@ impl Forward<'_> {
 
     /// Attention block of layer `l` for the `n` tokens in `s.x` at positions `s.pos..`:
     /// x += Wo · attention(RoPE(Wq xn), cache + RoPE(Wk xn), cache + Wv xn), xn = rmsnorm(x).
-    fn attn_block(&self, s: &mut LlamaState, l: usize, n: usize) {
+    fn attn_block(&self, s: &mut LlamaState, l: usize, runs: &[Run]) {
         let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
+        let n = runs.last().map_or(0, |r| r.end);
         let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let (p0, half) = (s.pos, hd / 2);
         let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
@@ -281,12 +332,12 @@ impl Forward<'_> {
         }
         let (q, kn, vn) = (&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]);
         let (wq, wk, wv) = (self.w.w(lw.wq), self.w.w(lw.wk), self.w.w(lw.wv));
-        if n == 1 {
+        if self.exact_row(runs, &[wq, wk, wv]) {
             k.matvecs(&mut [(wq, &mut *q), (wk, &mut *kn), (wv, &mut *vn)], xn);
         } else {
-            self.matmul(wq, xn, n, q);
-            self.matmul(wk, xn, n, kn);
-            self.matmul(wv, xn, n, vn);
+            self.matmul(wq, xn, runs, q);
+            self.matmul(wk, xn, runs, kn);
+            self.matmul(wv, xn, runs, vn);
         }
         for t in 0..n {
             let (c, sn) = (
@@ -337,22 +388,22 @@ impl Forward<'_> {
                     .copy_from_slice(&s.att_heads[src..src + hd]);
             }
         }
-        self.matmul(self.w.w(lw.wo), att, n, xn);
+        self.matmul(self.w.w(lw.wo), att, runs, xn);
         k.add(x, xn);
     }
 
     /// SwiGLU feed-forward block of layer `l`: x += W_down (silu(W_gate xn) * W_up xn).
-    fn ffn_block(&self, s: &mut LlamaState, l: usize, n: usize) {
-        let h = self.cfg.hidden_size;
+    fn ffn_block(&self, s: &mut LlamaState, l: usize, runs: &[Run]) {
+        let (h, n) = (self.cfg.hidden_size, runs.last().map_or(0, |r| r.end));
         let (x, xn) = (&mut s.x[..n * h], &mut s.xn[..n * h]);
-        self.ffn(l, n, x, xn, &mut s.gate, &mut s.up);
+        self.ffn(l, runs, x, xn, &mut s.gate, &mut s.up);
     }
 
-    /// [`Forward::ffn_block`] on the `n` rows of `x`, with `xn`, `gate`, `up` as scratch.
+    /// [`Forward::ffn_block`] on the rows of `runs` in `x`, with `xn`, `gate`, `up` as scratch.
     fn ffn(
         &self,
         l: usize,
-        n: usize,
+        runs: &[Run],
         x: &mut [f32],
         xn: &mut [f32],
         gate: &mut [f32],
@@ -360,20 +411,21 @@ impl Forward<'_> {
     ) {
         let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let n = runs.last().map_or(0, |r| r.end);
         let (gate, up) = (&mut gate[..n * inter], &mut up[..n * inter]);
         for t in 0..n {
             let r = t * h..(t + 1) * h;
             k.rmsnorm(&x[r.clone()], &lw.ffn_norm, cfg.rms_norm_eps, &mut xn[r]);
         }
         let (wg, wu) = (self.w.w(lw.w_gate), self.w.w(lw.w_up));
-        if n == 1 {
+        if self.exact_row(runs, &[wg, wu]) {
             k.matvecs(&mut [(wg, &mut *gate), (wu, &mut *up)], xn);
         } else {
-            self.matmul(wg, xn, n, gate);
-            self.matmul(wu, xn, n, up);
+            self.matmul(wg, xn, runs, gate);
+            self.matmul(wu, xn, runs, up);
         }
         k.silu_mul(gate, up);
-        self.matmul(self.w.w(lw.w_down), gate, n, xn);
+        self.matmul(self.w.w(lw.w_down), gate, runs, xn);
         k.add(x, xn);
     }
 
@@ -470,7 +522,7 @@ impl Forward<'_> {
         match ran {
             Ok(true) => s.pos += 1,
             // No team here (see `team::try_run`): the batched path gives the same numbers.
-            Ok(false) => self.chunk(s, &[token], None),
+            Ok(false) => self.chunk(s, &[token], false, None),
             Err(e) => return Err(Error::internal(format!("decode failed: {e}"))),
         }
         Ok(())
@@ -484,6 +536,9 @@ pub struct Segment<'a> {
     pub tokens: &'a [u32],
     /// Whether its last token's logits are wanted (a decode, or a prompt's last chunk).
     pub logits: bool,
+    /// Whether its tokens are a prompt's (of two or more tokens): such rows may round where
+    /// the model's policy allows (AMX, bf16 dots), generated tokens' rows run exact.
+    pub prompt: bool,
 }
 
 /// Activation scratch for batched steps; grows on demand.
@@ -541,10 +596,11 @@ impl BatchScratch {
 
 impl Forward<'_> {
     /// One batched step over several sequences (the batch scheduler's): every segment's tokens
-    /// go through each weight matrix in one matrix-matrix product, attention runs per sequence
-    /// against its own cache. The same kernels as [`Forward::chunk`] in the same order per
-    /// token, so a token's numbers differ from a lone run only by the matmul's summation order
-    /// for a different token count. Leaves the logits of segments that want them in
+    /// go through each weight matrix in one matrix-matrix product (or one per kind of row, see
+    /// [`Run`], where the model rounds prompts), attention runs per sequence against its own
+    /// cache. The same kernels as [`Forward::chunk`] in the same order per token, at the same
+    /// precision, so a token's numbers differ from a lone run only by the exact matmul's
+    /// summation order for a different token count. Leaves the logits of segments that want them in
     /// `sc.logits`; the caller advances each sequence's position by its token count.
     pub fn step(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>]) {
         let (cfg, k) = (self.cfg, self.k);
@@ -556,6 +612,19 @@ impl Forward<'_> {
             .sum();
         let out_rows = segs.iter().filter(|s| s.logits).count();
         sc.fit(cfg, n, score_len, out_rows);
+        // Rows by kind, neighbouring segments of one kind merged.
+        let mut runs: Vec<Run> = Vec::with_capacity(segs.len());
+        let mut end = 0;
+        for s in segs.iter() {
+            end += s.tokens.len();
+            match runs.last_mut() {
+                Some(r) if r.prompt == s.prompt => r.end = end,
+                _ => runs.push(Run {
+                    end,
+                    prompt: s.prompt,
+                }),
+            }
+        }
         let embed = self.w.w(self.w.embed);
         let mut t = 0;
         for s in segs.iter() {
@@ -568,10 +637,10 @@ impl Forward<'_> {
             }
         }
         for l in 0..self.w.layers.len() {
-            self.step_attn(sc, segs, l, n);
+            self.step_attn(sc, segs, l, &runs);
             self.ffn(
                 l,
-                n,
+                &runs,
                 &mut sc.x[..n * h],
                 &mut sc.xn[..n * h],
                 &mut sc.gate,
@@ -595,14 +664,20 @@ impl Forward<'_> {
             }
         }
         if out_rows > 0 {
+            // Exact, as the lone path's per-token lm_head matrix-vector products.
             let lm_head = self.w.w(self.w.lm_head);
-            self.matmul(lm_head, &sc.xn[..out_rows * h], out_rows, &mut sc.logits);
+            let exact = [Run {
+                end: out_rows,
+                prompt: false,
+            }];
+            self.matmul(lm_head, &sc.xn[..out_rows * h], &exact, &mut sc.logits);
         }
     }
 
     /// [`Forward::attn_block`] over the segments of a batched step.
-    fn step_attn(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>], l: usize, n: usize) {
+    fn step_attn(&self, sc: &mut BatchScratch, segs: &mut [Segment<'_>], l: usize, runs: &[Run]) {
         let (cfg, k, lw) = (self.cfg, self.k, &self.w.layers[l]);
+        let n = runs.last().map_or(0, |r| r.end);
         let (h, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let half = hd / 2;
         let (x, xn) = (&mut sc.x[..n * h], &mut sc.xn[..n * h]);
@@ -615,9 +690,9 @@ impl Forward<'_> {
             &mut sc.k[..n * kvd],
             &mut sc.v[..n * kvd],
         );
-        self.matmul(self.w.w(lw.wq), xn, n, q);
-        self.matmul(self.w.w(lw.wk), xn, n, kn);
-        self.matmul(self.w.w(lw.wv), xn, n, vn);
+        self.matmul(self.w.w(lw.wq), xn, runs, q);
+        self.matmul(self.w.w(lw.wk), xn, runs, kn);
+        self.matmul(self.w.w(lw.wv), xn, runs, vn);
         let mut t = 0;
         for s in segs.iter_mut() {
             for i in 0..s.tokens.len() {
@@ -692,7 +767,7 @@ impl Forward<'_> {
             }
             t0 += ns;
         }
-        self.matmul(self.w.w(lw.wo), att, n, xn);
+        self.matmul(self.w.w(lw.wo), att, runs, xn);
         k.add(x, xn);
     }
 }

@@ -223,8 +223,9 @@ impl LlamaModel {
         kv: &mut KvCache,
         pos: usize,
         tokens: &[u32],
+        prompt: bool,
     ) -> Result<&'s [f32]> {
-        scratch.with_kv(kv, pos, |s| self.run(s, tokens, None))?;
+        scratch.with_kv(kv, pos, |s| self.run(s, tokens, prompt, None))?;
         Ok(scratch.logits())
     }
 
@@ -246,32 +247,38 @@ impl LlamaModel {
 
     /// Run `tokens` at positions `state.pos()..` (a prompt in batches of up to [`MAX_BATCH`]
     /// tokens, or one token against the cache) and return the last token's logits.
+    ///
+    /// Two or more tokens are a prompt, one token a decode step: a prompt's matmuls with bf16
+    /// weights round as the model's policy allows (AMX, bf16 dots), a decode step's are exact.
     pub fn forward<'s>(&self, state: &'s mut LlamaState, tokens: &[u32]) -> Result<&'s [f32]> {
-        self.run(state, tokens, None)?;
+        self.run(state, tokens, tokens.len() > 1, None)?;
         Ok(state.logits())
     }
 
     /// Like [`LlamaModel::forward`] but returns every token's logits, `(tokens.len(), vocab)`.
     pub fn forward_all_logits(&self, state: &mut LlamaState, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut all = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
-        self.run(state, tokens, Some(&mut all))?;
+        self.run(state, tokens, tokens.len() > 1, Some(&mut all))?;
         Ok(all)
     }
 
-    /// Checks, then batches of at most the state's batch size; a lone token (decode) runs on
-    /// a team unless every token's logits are wanted.
+    /// Checks, then batches of at most the state's batch size; a lone token (decode, or a
+    /// prompt's that would not round) runs on a team unless every token's logits are wanted.
+    /// `prompt`: the tokens are a prompt's (see `forward::Run`).
     fn run(
         &self,
         state: &mut LlamaState,
         tokens: &[u32],
+        prompt: bool,
         mut all: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let f = self.fwd();
         f.check(state, tokens)?;
+        let exact = !prompt || !f.rounds_prompts();
         for chunk in tokens.chunks(state.batch()) {
             match (chunk, all.as_deref_mut()) {
-                ([token], None) => f.decode(state, *token)?,
-                (_, all) => f.chunk(state, chunk, all),
+                ([token], None) if exact => f.decode(state, *token)?,
+                (_, all) => f.chunk(state, chunk, prompt, all),
             }
         }
         Ok(())
