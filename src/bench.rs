@@ -137,15 +137,10 @@ pub fn bench_llama(dir: &Path, prompt_tokens: usize, gen_tokens: usize) -> Resul
     let kv_bytes = (2 * cfg.num_hidden_layers * capacity * cfg.kv_dim() * 4) as u64;
     let mid_depth = (prompt_tokens + gen_tokens / 2) as f64;
     let decode_bytes = model.bytes_per_decode_step() as f64 + 2.0 * layers * mid_depth * kv * 4.0;
-    let k = kernels::kernels();
-    let prefill_path = if !weights_are_bf16(dir) {
-        PrefillPath::Fma
-    } else if k.isa() == kernels::Isa::Avx512 && kernels::amx_enabled() {
-        PrefillPath::Amx
-    } else if k.has_bf16_dot() && kernels::bf16_dot_enabled() {
-        PrefillPath::Bf16Dot
-    } else {
-        PrefillPath::Fma
+    let prefill_path = match model.prompt_precision() {
+        kernels::Precision::Amx => PrefillPath::Amx,
+        kernels::Precision::Bf16Dot if kernels::kernels().has_bf16_dot() => PrefillPath::Bf16Dot,
+        _ => PrefillPath::Fma,
     };
 
     Ok(LlamaBench {
@@ -416,19 +411,6 @@ fn weights_file_bytes(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
-
-fn weights_are_bf16(dir: &Path) -> bool {
-    crate::weights::WeightStore::open_dir(dir)
-        .ok()
-        .and_then(|s| {
-            // The safetensors name, or the GGUF one.
-            ["model.layers.0.mlp.up_proj.weight", "blk.0.ffn_up.weight"]
-                .iter()
-                .find_map(|n| s.get(n).ok().map(|t| t.dtype))
-        })
-        == Some(crate::weights::DType::Bf16)
-}
-
 /// Bytes of file mappings the kernel maps 2 MiB at a time (Linux: `FilePmdMapped`).
 fn file_2m_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;

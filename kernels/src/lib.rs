@@ -3,8 +3,9 @@
 //!
 //! Tiers: `scalar` (the oracle), `portable` (`wide` vectors), `avx2` (AVX2+FMA+F16C),
 //! `avx512` (AVX-512F/BW/VL, with AVX-512 BF16 where present, AVX-512 VNNI for the legacy
-//! quantized formats where present, and AMX bf16 tiles for matmuls with bf16 weights where the
-//! CPU and OS allow: see `x86_64/amx.rs`), `neon` (aarch64).
+//! quantized formats where present, and AMX bf16 tiles for matmuls with bf16 weights, and for
+//! models' prompts on block-format weights, where the CPU and OS allow: see
+//! `x86_64/amx.rs`), `neon` (aarch64).
 //! `SPINFER_ISA=scalar|portable|avx2|avx512|neon` forces one.
 //!
 //! Block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, laid out as GGUF stores them)
@@ -140,6 +141,10 @@ impl<'a> Weights<'a> {
     }
     pub fn is_empty(&self) -> bool {
         self.blocks() == 0
+    }
+    /// The first byte of the blocks.
+    pub(crate) fn as_byte_ptr(&self) -> *const u8 {
+        with_blocks!(self, s => s.as_ptr() as *const u8)
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
@@ -369,7 +374,8 @@ pub enum Precision {
     Bf16Dot,
     /// Activations rounded to bf16 and AMX `tdpbf16ps` tiles (f32 accumulation): the accuracy
     /// class of `Bf16Dot`, several times the f32 FMA rate (see `x86_64/amx.rs`). Needs the
-    /// AVX-512 tier, bf16 weights and [`amx_available`]; otherwise the same as `Exact`.
+    /// AVX-512 tier and [`amx_available`], and bf16 or block-format weights (the latter
+    /// dequantized to bf16 per tile); otherwise the same as `Exact`.
     Amx,
 }
 
@@ -538,7 +544,7 @@ impl Policy {
     /// other sequences' tokens. Models run generated tokens exact (see `Forward::matmul`).
     pub fn prompt(self, w: Weights<'_>) -> Precision {
         let bf16 = matches!(w, Weights::Bf16(_));
-        if self.amx && bf16 && amx_available() {
+        if self.amx && (bf16 || !w.format().is_float()) && amx_available() {
             Precision::Amx
         } else if self.bf16_dot && bf16 {
             Precision::Bf16Dot
@@ -898,18 +904,24 @@ impl Kernels {
             "matmul: w is not (m, k)"
         );
         let (k, m) = (x.len() / n, y.len() / n);
-        // One token is a matrix-vector product, unless a bf16 weight should round it.
-        if n == 1 && !(prec != Precision::Exact && matches!(w, Weights::Bf16(_))) {
+        // One token is a matrix-vector product, unless the precision asks for rounding.
+        let rounds = match prec {
+            Precision::Exact => false,
+            Precision::Bf16Dot => matches!(w, Weights::Bf16(_)),
+            Precision::Amx => matches!(w, Weights::Bf16(_)) || !w.format().is_float(),
+        };
+        if n == 1 && !rounds {
             return self.matvec(w, x, y);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Precision::Amx, Isa::Avx512) = (prec, self.isa) {
+            let amx_format = matches!(w, Weights::Bf16(_)) || !w.format().is_float();
+            if amx_format && k > 0 && amx_available() {
+                return self.matmul_amx(w, x, n, k, m, y);
+            }
         }
         if !w.format().is_float() {
             return self.matmul_quant(w, x, n, k, m, y);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (Precision::Amx, Weights::Bf16(_), Isa::Avx512) = (prec, w, self.isa) {
-            if k > 0 && amx_available() {
-                return self.matmul_amx(w, x, n, k, m, y);
-            }
         }
         let bf = match (prec, w, &self.t.matmul_bf16) {
             (Precision::Bf16Dot, Weights::Bf16(_), Some(b)) if k > 0 => Some(b),

@@ -855,3 +855,59 @@ fn activation_buffer_quantizes_as_the_oracle() {
         );
     }
 }
+
+/// AMX on block-format weights (`Precision::Amx`, the prompt path of models on AMX CPUs):
+/// each weight row dequantized by the oracle and rounded to bf16, the activations rounded to
+/// bf16, f32 accumulation. Each rounding moves a product by ≤ 2^-9 relative, so the result is
+/// within 2^-8·Σ|ŵ x| (plus f32 summation) of the f32 product of the dequantized weights, the
+/// bound `tests/amx.rs` uses for bf16 weights. Each row is computed on its own: the same bits
+/// alone as in a batch.
+#[test]
+fn amx_on_block_formats_matches_the_dequantized_product() {
+    use spinfer_kernels::Precision;
+    if !spinfer_kernels::amx_available() {
+        eprintln!("AMX not available here: nothing to check");
+        return;
+    }
+    let k = Kernels::for_isa(Isa::Avx512).expect("AMX CPUs have AVX-512");
+    let mut rng = Rng(21);
+    for f in block_formats() {
+        let cols = if f.block_len() == 256 { 512 } else { 96 };
+        for (rows, n) in [(33, 17), (7, 1), (40, 33)] {
+            let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
+            let wdq = deq(s.w());
+            let x = acts_x(&mut rng, n * cols);
+            let before = spinfer_kernels::amx_calls();
+            let mut y = vec![f32::NAN; n * rows];
+            k.matmul_with(Precision::Amx, s.w(), &x, n, &mut y);
+            assert!(
+                spinfer_kernels::amx_calls() > before,
+                "{} AMX did not run",
+                f.name()
+            );
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                for r in 0..rows {
+                    let wr = &wdq[r * cols..(r + 1) * cols];
+                    let exact: f64 = wr.iter().zip(xt).map(|(&w, &v)| w as f64 * v as f64).sum();
+                    let abs: f64 = wr
+                        .iter()
+                        .zip(xt)
+                        .map(|(&w, &v)| (w as f64 * v as f64).abs())
+                        .sum();
+                    let tol = abs * (1.0 + 1e-4) / 256.0 + 1e-30;
+                    let got = y[t * rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= tol,
+                        "AMX {} {rows}x{cols} n {n} ({t},{r}): {got} vs {exact} (tol {tol:e})",
+                        f.name()
+                    );
+                }
+            }
+            // The first token alone gives its batched row's bits.
+            let mut one = vec![0f32; rows];
+            k.matmul_with(Precision::Amx, s.w(), &x[..cols], 1, &mut one);
+            assert_eq!(one, y[..rows], "{} token 0 alone vs batched", f.name());
+        }
+    }
+}

@@ -167,10 +167,17 @@ impl Forward<'_> {
         }
     }
 
-    /// Whether a prompt's rows round anywhere in this model (its bf16 matrices and policy).
+    /// The precision of a prompt's rows through this model's layer matrices.
+    pub fn prompt_precision(&self) -> Precision {
+        match self.w.layers.first() {
+            Some(lw) => self.policy.prompt(self.w.w(lw.w_up)),
+            None => Precision::Exact,
+        }
+    }
+
+    /// Whether a prompt's rows round anywhere in this model (its matrices and policy).
     pub fn rounds_prompts(&self) -> bool {
-        let lw = &self.w.layers[0];
-        self.policy.prompt(self.w.w(lw.wq)) != Precision::Exact
+        self.prompt_precision() != Precision::Exact
     }
 
     /// y = x Wᵀ for the rows of `runs` (x `(n, k)`, y `(n, m)`, n the last run's end), each

@@ -159,6 +159,12 @@ impl LlamaModel {
         self.policy
     }
 
+    /// The precision a prompt's matmuls take (see `forward::Run`): AMX for bf16 and
+    /// block-format weights where the CPU has it and the policy allows, else as the policy says.
+    pub fn prompt_precision(&self) -> spinfer_kernels::Precision {
+        self.fwd().prompt_precision()
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }

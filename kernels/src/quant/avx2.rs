@@ -32,8 +32,10 @@
 //! Both run the integer path. No dequantize-to-float prefill path was built: `vpmaddubsw` +
 //! `vpmaddwd` do 32 multiply-adds in two instructions where an f32 FMA does 8 in one, and on
 //! Zen 3 the f32 tiles on bf16 weights of TinyLlama's shape prefilled 44-74 tok/s, the range
-//! the integer path reaches on Q4_0 (56-57), before any dequantization cost. On AMX machines a
-//! dequantized bf16 tile may win; unmeasured. A token gives the same bits alone or in a batch:
+//! the integer path reaches on Q4_0 (56-57), before any dequantization cost. On AMX machines
+//! a model's prompt rows instead go through bf16 tiles dequantized per 32-row slab
+//! (`x86_64/amx.rs`): on Sapphire Rapids TinyLlama prefill ran 1.4-2x the VNNI integer path.
+//! Kernels::matmul itself, and every generated token, stay on the integer path. A token gives the same bits alone or in a batch:
 //! the single-token dots are the multi-token bodies with N = 1 (k-quants: the same scalar
 //! operations per token, see [`k_epilogue`]).
 //!
