@@ -33,7 +33,7 @@ pub fn value_at(w: Weights<'_>, i: usize) -> f32 {
 }
 
 /// Every value of `w` as f32: `out.len() == w.len()`.
-#[inline]
+#[inline(always)]
 pub fn dequantize(w: Weights<'_>, out: &mut [f32]) {
     assert_eq!(out.len(), w.len(), "dequantize: length mismatch");
     match w {
@@ -51,14 +51,14 @@ pub fn dequantize(w: Weights<'_>, out: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn zip<B>(blocks: &[B], out: &mut [f32], n: usize, f: fn(&B, &mut [f32])) {
     for (b, y) in blocks.iter().zip(out.chunks_exact_mut(n)) {
         f(b, y)
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q8_0(x: &BlockQ8_0, y: &mut [f32]) {
     let d = x.d.to_f32();
     for j in 0..QK {
@@ -66,7 +66,7 @@ fn dequantize_q8_0(x: &BlockQ8_0, y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q4_0(x: &BlockQ4_0, y: &mut [f32]) {
     let d = x.d.to_f32();
     for j in 0..QK / 2 {
@@ -77,7 +77,7 @@ fn dequantize_q4_0(x: &BlockQ4_0, y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q4_1(x: &BlockQ4_1, y: &mut [f32]) {
     let (d, m) = (x.d.to_f32(), x.m.to_f32());
     for j in 0..QK / 2 {
@@ -88,7 +88,7 @@ fn dequantize_q4_1(x: &BlockQ4_1, y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q5_0(x: &BlockQ5_0, y: &mut [f32]) {
     let d = x.d.to_f32();
     let qh = u32::from_le_bytes(x.qh);
@@ -102,7 +102,7 @@ fn dequantize_q5_0(x: &BlockQ5_0, y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q5_1(x: &BlockQ5_1, y: &mut [f32]) {
     let (d, m) = (x.d.to_f32(), x.m.to_f32());
     let qh = u32::from_le_bytes(x.qh);
@@ -128,7 +128,7 @@ pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q4_k(x: &BlockQ4K, y: &mut [f32]) {
     let (d, min) = (x.d.to_f32(), x.dmin.to_f32());
     let mut o = 0;
@@ -145,7 +145,7 @@ fn dequantize_q4_k(x: &BlockQ4K, y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q5_k(x: &BlockQ5K, y: &mut [f32]) {
     let (d, min) = (x.d.to_f32(), x.dmin.to_f32());
     let (mut u1, mut u2) = (1u8, 2u8);
@@ -184,7 +184,7 @@ fn q6(x: &BlockQ6K, idx: usize) -> i8 {
     ((low | (((qh >> (2 * quarter)) & 3) << 4)) as i8) - 32
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_q6_k(x: &BlockQ6K, y: &mut [f32]) {
     let d = x.d.to_f32();
     for n in 0..2 {
