@@ -143,6 +143,7 @@ impl<'a> Weights<'a> {
         self.blocks() == 0
     }
     /// The first byte of the blocks.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn as_byte_ptr(&self) -> *const u8 {
         with_blocks!(self, s => s.as_ptr() as *const u8)
     }
