@@ -147,8 +147,9 @@ pub(crate) struct Forward<'a> {
 }
 
 /// Consecutive token rows of one kind in a pass (`end`: one past its last row). A prompt's
-/// rows take the rounded precision the model's [`Policy`] allows for bf16 weights (AMX or
-/// bf16 dots, for prefill speed); generated tokens' rows run exact, as a lone decode does.
+/// rows take the rounded precision the model's [`Policy`] allows (AMX tiles for bf16 and
+/// block-format weights, or bf16 dots: prefill speed); generated tokens' rows run exact (for
+/// block formats: the int8 path), as a lone decode does.
 /// The kind is the token's own, never the batch's: a token then computes the same alone, in
 /// any prompt chunk, or beside other sequences' tokens (the rounded kernels compute each row
 /// on its own). A prompt of one token counts as generated, as `LlamaModel::forward` sees it.

@@ -254,8 +254,9 @@ impl LlamaModel {
     /// Run `tokens` at positions `state.pos()..` (a prompt in batches of up to [`MAX_BATCH`]
     /// tokens, or one token against the cache) and return the last token's logits.
     ///
-    /// Two or more tokens are a prompt, one token a decode step: a prompt's matmuls with bf16
-    /// weights round as the model's policy allows (AMX, bf16 dots), a decode step's are exact.
+    /// Two or more tokens are a prompt, one token a decode step: a prompt's matmuls round as
+    /// the model's policy allows (AMX for bf16 and block-format weights, bf16 dots for bf16),
+    /// a decode step's are exact (block formats: the int8 path).
     pub fn forward<'s>(&self, state: &'s mut LlamaState, tokens: &[u32]) -> Result<&'s [f32]> {
         self.run(state, tokens, tokens.len() > 1, None)?;
         Ok(state.logits())
