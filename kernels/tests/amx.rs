@@ -14,14 +14,18 @@ fn avx512() -> Option<Kernels> {
     Kernels::for_isa(Isa::Avx512).ok()
 }
 
+/// `len` random bf16 values.
+fn bf16s(rng: &mut Rng, len: usize) -> Vec<bf16> {
+    rng.vec(len, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect()
+}
+
 /// AMX result for (n, m, k) checked against the oracle; returns whether AMX ran.
 fn check(k: &Kernels, rng: &mut Rng, n: usize, m: usize, kk: usize) {
     // Offset by one element: W rows and X rows start unaligned.
-    let wv: Vec<bf16> = rng
-        .vec(m * kk + 1, 1.0)
-        .iter()
-        .map(|&v| bf16::from_f32(v))
-        .collect();
+    let wv = bf16s(rng, m * kk + 1);
     let w = Weights::Bf16(&wv[1..]);
     let xv = rng.vec(n * kk + 1, 1.0);
     let x = &xv[1..];
@@ -102,11 +106,7 @@ fn matmul_default_uses_amx_and_the_exact_policy_does_not() {
     let Some(k) = avx512() else { return };
     let mut rng = Rng(13);
     let (n, m, kk) = (24, 48, 100);
-    let wv: Vec<bf16> = rng
-        .vec(m * kk, 1.0)
-        .iter()
-        .map(|&v| bf16::from_f32(v))
-        .collect();
+    let wv = bf16s(&mut rng, m * kk);
     let w = Weights::Bf16(&wv);
     let x = rng.vec(n * kk, 1.0);
     let env_off = matches!(
@@ -153,11 +153,7 @@ fn rounded_rows_are_the_same_alone_and_in_any_batch() {
     let Some(k) = avx512() else { return };
     let mut rng = Rng(14);
     let (m, kk) = (70, 300);
-    let wv: Vec<bf16> = rng
-        .vec(m * kk, 1.0)
-        .iter()
-        .map(|&v| bf16::from_f32(v))
-        .collect();
+    let wv = bf16s(&mut rng, m * kk);
     let w = Weights::Bf16(&wv);
     let x = rng.vec(37 * kk, 1.0);
     let mut precisions = Vec::new();
