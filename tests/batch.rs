@@ -50,9 +50,11 @@ fn argmax_margin(x: &[f32]) -> (u32, f32) {
     (i, x[i as usize] - second)
 }
 
-/// NMSE bound between a batched step's logits and a lone run's, on the exact path, for float
-/// weights. Both run the same kernels on the same f32 values; only the matmuls' summation order
-/// differs (a matrix-vector product or dot tiles for one token, outer-product tiles for many):
+/// NMSE bound between a batched step's logits and a lone run's, for float weights. Under a
+/// rounding policy a prompt's rows round to the same bits either way, so what is left is the
+/// exact path's: both run the same kernels on the same f32 values; only the matmuls'
+/// summation order differs (a matrix-vector product or dot tiles for one token,
+/// outer-product tiles for many):
 /// per-output relative error ~u·√k with u = 2^-24 and k ≤ a few thousand, i.e. ~1e-6 at
 /// worst, NMSE ≤ ~1e-12 per product and ~1e-11 through a few dozen of them (measured: at most
 /// 6.4e-13 over every fixture). 1e-10 leaves margin and is ten orders below a wrong result (a

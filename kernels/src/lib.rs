@@ -380,6 +380,12 @@ pub enum Precision {
     Amx,
 }
 
+/// Whether the AMX matmul takes weights of `w`'s format: bf16 as stored, or block formats
+/// dequantized to bf16 per tile (f32 and f16 weights stay on the exact path).
+pub(crate) fn amx_takes(w: Weights<'_>) -> bool {
+    matches!(w, Weights::Bf16(_)) || !w.format().is_float()
+}
+
 /// Whether this CPU reports AMX-TILE and AMX-BF16 (whether or not the OS lets us use them).
 pub fn cpu_has_amx() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -544,10 +550,9 @@ impl Policy {
     /// own accumulators), so a prompt token rounds the same alone, in any chunk and beside
     /// other sequences' tokens. Models run generated tokens exact (see `Forward::matmul`).
     pub fn prompt(self, w: Weights<'_>) -> Precision {
-        let bf16 = matches!(w, Weights::Bf16(_));
-        if self.amx && (bf16 || !w.format().is_float()) && amx_available() {
+        if self.amx && amx_takes(w) && amx_available() {
             Precision::Amx
-        } else if self.bf16_dot && bf16 {
+        } else if self.bf16_dot && matches!(w, Weights::Bf16(_)) {
             Precision::Bf16Dot
         } else {
             Precision::Exact
@@ -909,15 +914,14 @@ impl Kernels {
         let rounds = match prec {
             Precision::Exact => false,
             Precision::Bf16Dot => matches!(w, Weights::Bf16(_)),
-            Precision::Amx => matches!(w, Weights::Bf16(_)) || !w.format().is_float(),
+            Precision::Amx => amx_takes(w),
         };
         if n == 1 && !rounds {
             return self.matvec(w, x, y);
         }
         #[cfg(target_arch = "x86_64")]
         if let (Precision::Amx, Isa::Avx512) = (prec, self.isa) {
-            let amx_format = matches!(w, Weights::Bf16(_)) || !w.format().is_float();
-            if amx_format && k > 0 && amx_available() {
+            if amx_takes(w) && k > 0 && amx_available() {
                 return self.matmul_amx(w, x, n, k, m, y);
             }
         }
@@ -1068,8 +1072,8 @@ impl Kernels {
         use x86_64::amx;
         fn rows(j: &MatmulJob<'_>, r0: usize, r1: usize) {
             AMX_CALLS.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: only reached when `amx::available()`, with bf16 weights and `xb` packed
-            // by `amx::pack_x` for (n, k); `run_matmul` gives threads disjoint row ranges.
+            // SAFETY: only reached when `amx::available()`, with weights `amx_takes` and `xb`
+            // packed by `amx::pack_x` for (n, k); `run_matmul` gives threads disjoint row ranges.
             unsafe { amx::matmul_rows(j, r0, r1) }
         }
         let go = |xb: &mut Vec<u16>| {

@@ -171,12 +171,13 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, xp: &mut [u16]) {
 /// Columns r0..r1 of Y (= W rows r0..r1) from `job.xb`, which holds X packed by [`pack_x`].
 ///
 /// # Safety
-/// [`available`] must be true; `job.w` bf16 (m, k) and `job.xb` packed for (n, k); callers
+/// [`available`] must be true; `job.w` bf16 or block-format (m, k) (see
+/// `crate::amx_takes`) and `job.xb` packed for (n, k); callers
 /// give concurrent calls disjoint row ranges of Y.
 pub(crate) unsafe fn matmul_rows(job: &MatmulJob<'_>, r0: usize, r1: usize) {
     let (n, k, m, y) = (job.n, job.k, job.m, job.y);
     debug_assert!(r1 <= m && job.xb.len() == packed_len(n, k));
-    debug_assert!(!matches!(job.w, Weights::F32(_) | Weights::F16(_)));
+    debug_assert!(crate::amx_takes(job.w));
     let kp = k.next_multiple_of(KB);
     let (kfull, ktail) = (k / KB, k % KB);
     // W's rows by bytes (bf16, or blocks: a block-format row is dequantized into `row` below).
