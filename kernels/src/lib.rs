@@ -22,6 +22,7 @@ pub use quant::{
     ActFormat, Acts, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8K, BlockQ8_0, BlockQ8_1, Format,
 };
+pub use simd::ATT_PAD;
 
 pub mod probe;
 pub mod quant;
@@ -318,6 +319,10 @@ pub(crate) struct Table {
     pub rmsnorm: fn(&[f32], &[f32], f32, &mut [f32]),
     pub layernorm: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
     pub softmax: fn(&mut [f32]),
+    /// Attention's scores from transposed keys (see `simd::attn_scores`).
+    pub attn_scores: fn(&[f32], usize, usize, &[f32], usize, usize, &mut [f32]),
+    /// Attention's outputs from value rows (see `simd::attn_values`).
+    pub attn_values: fn(&[f32], usize, &[f32], usize, &[usize], &mut [f32]),
     pub silu: fn(&mut [f32]),
     pub silu_mul: fn(&mut [f32], &[f32]),
     pub gelu: fn(&mut [f32]),
@@ -1168,6 +1173,42 @@ impl Kernels {
 
     pub fn softmax(&self, x: &mut [f32]) {
         (self.t.softmax)(x)
+    }
+
+    /// Attention's scores on the calling thread: `scores[r·ld + j]` = q_r · key_j for the
+    /// `n` queries (rows of `q`) and positions j < len, `kt` holding a kv head's keys
+    /// transposed (row d: dimension d of every position, `stride` apart). Each score is
+    /// summed in order of the dimensions, so a query's scores have the same bits whatever
+    /// other queries share the call and however many positions there are. `stride` and `ld`
+    /// must be at least len rounded up to [`ATT_PAD`]; entries past len are left with
+    /// values to ignore.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_scores(
+        &self,
+        kt: &[f32],
+        stride: usize,
+        len: usize,
+        q: &[f32],
+        n: usize,
+        ld: usize,
+        scores: &mut [f32],
+    ) {
+        (self.t.attn_scores)(kt, stride, len, q, n, ld, scores)
+    }
+
+    /// Attention's outputs on the calling thread: row r of `out` (`hd` values) =
+    /// Σ_{j < lens[r]} p[r·ld + j] · values[j], `values` (len, hd) rows. Each element is
+    /// summed in order of j by multiply-adds, so a row's bits do not depend on the other rows.
+    pub fn attn_values(
+        &self,
+        values: &[f32],
+        hd: usize,
+        p: &[f32],
+        ld: usize,
+        lens: &[usize],
+        out: &mut [f32],
+    ) {
+        (self.t.attn_values)(values, hd, p, ld, lens, out)
     }
 
     pub fn silu(&self, x: &mut [f32]) {

@@ -166,6 +166,50 @@ pub fn scale(x: &mut [f32], s: f32) {
     }
 }
 
+/// Attention's scores (the contract of `simd::attn_scores`): each summed in order of the
+/// dimensions by multiply-adds from zero.
+pub fn attn_scores(
+    kt: &[f32],
+    stride: usize,
+    len: usize,
+    q: &[f32],
+    n: usize,
+    ld: usize,
+    scores: &mut [f32],
+) {
+    assert!(n > 0 && q.len().is_multiple_of(n), "attn_scores: q is not (n, hd)");
+    let hd = q.len() / n;
+    assert!(len <= stride && len <= ld, "attn_scores: rows too short");
+    for r in 0..n {
+        for j in 0..len {
+            let mut a = 0f32;
+            for d in 0..hd {
+                a = q[r * hd + d].mul_add(kt[d * stride + j], a);
+            }
+            scores[r * ld + j] = a;
+        }
+    }
+}
+
+/// Attention's outputs (the contract of `simd::attn_values`): each element summed in order of
+/// the positions by multiply-adds from zero.
+pub fn attn_values(v: &[f32], hd: usize, p: &[f32], ld: usize, lens: &[usize], out: &mut [f32]) {
+    assert_eq!(
+        out.len(),
+        lens.len() * hd,
+        "attn_values: out is not (rows, hd)"
+    );
+    for (r, (o, &len)) in out.chunks_exact_mut(hd.max(1)).zip(lens).enumerate() {
+        for (d, o) in o.iter_mut().enumerate() {
+            let mut a = 0f32;
+            for j in 0..len {
+                a = p[r * ld + j].mul_add(v[j * hd + d], a);
+            }
+            *o = a;
+        }
+    }
+}
+
 /// y += a * x
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
@@ -249,6 +293,8 @@ pub(crate) static TABLE: Table = Table {
     rmsnorm,
     layernorm,
     softmax,
+    attn_scores,
+    attn_values,
     silu,
     silu_mul,
     gelu,

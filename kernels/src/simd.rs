@@ -1164,6 +1164,246 @@ pub(crate) unsafe fn axpy<S: Simd>(s: S, y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// The padding of attention's key and score rows: a multiple of every tier's lane count, so
+/// [`attn_scores`] reads and writes whole vectors and never takes a scalar tail whose extent
+/// would depend on the length (and so on how a prompt was chunked).
+pub const ATT_PAD: usize = 16;
+
+/// Attention's scores: `scores[r·ld + j]` = Σ_d q[r·hd + d] · kt[d·stride + j] for j < len
+/// (`kt` a kv head's keys transposed: row d holds dimension d of every position, `stride`
+/// apart). Each score is summed in order of d by multiply-adds from zero, each position in
+/// its own vector lane, so a query's scores have the same bits whatever other queries share
+/// the call and however long the keys are. Entries len..len rounded up to [`ATT_PAD`] are
+/// written with values to ignore; `stride` and `ld` must leave room for them.
+#[inline(always)]
+pub(crate) unsafe fn attn_scores<S: Simd>(
+    s: S,
+    kt: &[f32],
+    stride: usize,
+    len: usize,
+    q: &[f32],
+    n: usize,
+    ld: usize,
+    scores: &mut [f32],
+) {
+    assert!(n > 0 && q.len().is_multiple_of(n), "attn_scores: q is not (n, hd)");
+    let hd = q.len() / n;
+    let end = len.next_multiple_of(ATT_PAD);
+    assert!(end <= stride && end <= ld, "attn_scores: rows not padded");
+    assert!(
+        hd == 0 || kt.len() >= (hd - 1) * stride + end,
+        "attn_scores: keys too short"
+    );
+    assert!(
+        scores.len() >= (n - 1) * ld + end,
+        "attn_scores: scores too short"
+    );
+    let mut r = 0;
+    while r < n {
+        // AVX-512's 32 registers hold 4 rows x 4 vectors of sums; 16 registers, 2 rows.
+        let take = rows_at_once::<S>(n - r);
+        match take {
+            4 => scores_rows::<S, 4>(s, kt, stride, end, q, hd, r, ld, scores),
+            2 => scores_rows::<S, 2>(s, kt, stride, end, q, hd, r, ld, scores),
+            _ => scores_rows::<S, 1>(s, kt, stride, end, q, hd, r, ld, scores),
+        }
+        r += take;
+    }
+}
+
+/// How many of `left` rows the attention kernels take at once: four rows × four vectors of
+/// sums fill half of AVX-512's 32 registers; with 16 registers, two rows.
+#[inline(always)]
+fn rows_at_once<S: Simd>(left: usize) -> usize {
+    if S::N >= 16 && left >= 4 {
+        4
+    } else if left >= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// [`attn_scores`] for query rows r0..r0 + R, positions 0..end (a multiple of N).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_rows<S: Simd, const R: usize>(
+    s: S,
+    kt: &[f32],
+    stride: usize,
+    end: usize,
+    q: &[f32],
+    hd: usize,
+    r0: usize,
+    ld: usize,
+    scores: &mut [f32],
+) {
+    let nl = S::N;
+    let mut j0 = 0;
+    // A lone query (decode) needs eight independent sums in flight to hide the FMA latency.
+    while R == 1 && end - j0 >= 8 * nl {
+        scores_tile::<S, R, 8>(s, kt, stride, j0, q, hd, r0, ld, scores);
+        j0 += 8 * nl;
+    }
+    while j0 < end {
+        if end - j0 >= 4 * nl {
+            scores_tile::<S, R, 4>(s, kt, stride, j0, q, hd, r0, ld, scores);
+            j0 += 4 * nl;
+        } else {
+            scores_tile::<S, R, 1>(s, kt, stride, j0, q, hd, r0, ld, scores);
+            j0 += nl;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_tile<S: Simd, const R: usize, const NV: usize>(
+    s: S,
+    kt: &[f32],
+    stride: usize,
+    j0: usize,
+    q: &[f32],
+    hd: usize,
+    r0: usize,
+    ld: usize,
+    scores: &mut [f32],
+) {
+    let nl = S::N;
+    let (kp, qp, sp) = (kt.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+    let mut acc = [[s.splat(0.0); NV]; R];
+    for d in 0..hd {
+        let mut x = [s.splat(0.0); NV];
+        for (c, x) in x.iter_mut().enumerate() {
+            *x = s.load(kp.add(d * stride + j0 + c * nl));
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let a = s.splat(*qp.add((r0 + i) * hd + d));
+            for c in 0..NV {
+                acc[c] = s.fma(a, x[c], acc[c]);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        for (c, &v) in acc.iter().enumerate() {
+            s.store(sp.add((r0 + i) * ld + j0 + c * nl), v);
+        }
+    }
+}
+
+/// Attention's outputs: row r of `out` (`hd` values) = Σ_{j < lens[r]} p[r·ld + j] · v[j]
+/// (`v` rows of `hd` values: a kv head's values by position). Each element is summed in
+/// order of j by multiply-adds from zero, so a row gets the same bits whatever other rows
+/// share the call: a prompt token's attention does not depend on how the prompt was chunked
+/// or batched. Rows are taken a few at a time so each value row loaded serves all of them.
+#[inline(always)]
+pub(crate) unsafe fn attn_values<S: Simd>(
+    s: S,
+    v: &[f32],
+    hd: usize,
+    p: &[f32],
+    ld: usize,
+    lens: &[usize],
+    out: &mut [f32],
+) {
+    let nr = lens.len();
+    assert_eq!(out.len(), nr * hd, "attn_values: out is not (rows, hd)");
+    let end = lens.iter().copied().max().unwrap_or(0);
+    assert!(v.len() >= end * hd, "attn_values: too few value rows");
+    assert!(
+        lens.iter()
+            .enumerate()
+            .all(|(r, &l)| l == 0 || r * ld + l <= p.len()),
+        "attn_values: weights too short"
+    );
+    let mut r = 0;
+    while r < nr {
+        let take = rows_at_once::<S>(nr - r);
+        match take {
+            4 => values_rows::<S, 4>(s, v, hd, p, ld, &lens[r..r + 4], r, out),
+            2 => values_rows::<S, 2>(s, v, hd, p, ld, &lens[r..r + 2], r, out),
+            _ => values_rows::<S, 1>(s, v, hd, p, ld, &lens[r..r + 1], r, out),
+        }
+        r += take;
+    }
+}
+
+/// [`attn_values`] for rows r0..r0 + R: four vectors of each row at a time, then one.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_rows<S: Simd, const R: usize>(
+    s: S,
+    v: &[f32],
+    hd: usize,
+    p: &[f32],
+    ld: usize,
+    lens: &[usize],
+    r0: usize,
+    out: &mut [f32],
+) {
+    let nl = S::N;
+    let hv = hd - hd % nl;
+    let mut d0 = 0;
+    while d0 < hv {
+        if hv - d0 >= 4 * nl {
+            values_tile::<S, R, 4>(s, v, hd, p, ld, lens, r0, d0, out);
+            d0 += 4 * nl;
+        } else {
+            values_tile::<S, R, 1>(s, v, hd, p, ld, lens, r0, d0, out);
+            d0 += nl;
+        }
+    }
+    // The last hd % N values of each row, one at a time (the same order).
+    let (vp, pp, op) = (v.as_ptr(), p.as_ptr(), out.as_mut_ptr());
+    for (i, &len) in lens.iter().enumerate() {
+        for d in hv..hd {
+            let mut a = 0f32;
+            for j in 0..len {
+                a = (*pp.add((r0 + i) * ld + j)).mul_add(*vp.add(j * hd + d), a);
+            }
+            *op.add((r0 + i) * hd + d) = a;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_tile<S: Simd, const R: usize, const NV: usize>(
+    s: S,
+    v: &[f32],
+    hd: usize,
+    p: &[f32],
+    ld: usize,
+    lens: &[usize],
+    r0: usize,
+    d0: usize,
+    out: &mut [f32],
+) {
+    let nl = S::N;
+    let (vp, pp, op) = (v.as_ptr(), p.as_ptr(), out.as_mut_ptr());
+    let end = lens.iter().copied().max().unwrap_or(0);
+    let mut acc = [[s.splat(0.0); NV]; R];
+    for j in 0..end {
+        let mut x = [s.splat(0.0); NV];
+        for (c, x) in x.iter_mut().enumerate() {
+            *x = s.load(vp.add(j * hd + d0 + c * nl));
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            if j < lens[i] {
+                let a = s.splat(*pp.add((r0 + i) * ld + j));
+                for c in 0..NV {
+                    acc[c] = s.fma(a, x[c], acc[c]);
+                }
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        for (c, &v) in acc.iter().enumerate() {
+            s.store(op.add((r0 + i) * hd + d0 + c * nl), v);
+        }
+    }
+}
+
 /// Spin independent FMA chains for `iters` rounds (the probe's FMA peak): 2·N·12 FLOP a round.
 #[inline(always)]
 pub(crate) unsafe fn burn<S: Simd>(s: S, iters: usize) -> f32 {
@@ -1292,6 +1532,30 @@ macro_rules! tier_table {
             g::layernorm($S, x, w, b, e, o)
         }
         #[$attr]
+        unsafe fn attn_values_(
+            v: &[f32],
+            hd: usize,
+            p: &[f32],
+            ld: usize,
+            lens: &[usize],
+            out: &mut [f32],
+        ) {
+            g::attn_values($S, v, hd, p, ld, lens, out)
+        }
+        #[$attr]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn attn_scores_(
+            kt: &[f32],
+            stride: usize,
+            len: usize,
+            q: &[f32],
+            n: usize,
+            ld: usize,
+            scores: &mut [f32],
+        ) {
+            g::attn_scores($S, kt, stride, len, q, n, ld, scores)
+        }
+        #[$attr]
         unsafe fn softmax_(x: &mut [f32]) {
             g::softmax($S, x)
         }
@@ -1360,6 +1624,10 @@ macro_rules! tier_table {
             rmsnorm: |x, w, e, o| unsafe { rmsnorm_(x, w, e, o) },
             layernorm: |x, w, b, e, o| unsafe { layernorm_(x, w, b, e, o) },
             softmax: |x| unsafe { softmax_(x) },
+            attn_scores: |kt, st, len, q, n, ld, sc| unsafe {
+                attn_scores_(kt, st, len, q, n, ld, sc)
+            },
+            attn_values: |v, hd, p, ld, lens, out| unsafe { attn_values_(v, hd, p, ld, lens, out) },
             silu: |x| unsafe { silu_(x) },
             silu_mul: |x, u| unsafe { silu_mul_(x, u) },
             gelu: |x| unsafe { gelu_(x) },
