@@ -7,11 +7,16 @@ use super::model::ModelWeights;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use spinfer_kernels::team::{self, Shared};
-use spinfer_kernels::{Kernels, Policy, Precision, Weights};
+use spinfer_kernels::{Kernels, Policy, Precision, Weights, ATT_PAD};
 
 /// Most tokens one pass processes; longer prompts run in chunks of this size so scratch stays
 /// bounded (the weights are then streamed once per chunk, which costs little at this size).
 pub const MAX_BATCH: usize = 256;
+
+/// Most query rows (tokens × the query heads of one kv head) a prompt's attention takes per
+/// pass over a kv head's keys and values: 16 rows of 64-value heads keep the block's
+/// scores and queries in L1 while each key and value row is loaded once for all of them.
+const ATT_ROWS: usize = 16;
 
 /// KV cache and activation scratch for one sequence. Everything is allocated in `new`.
 pub struct LlamaState {
@@ -23,9 +28,9 @@ pub struct LlamaState {
     q: Vec<f32>,         // (batch, n_heads*head_dim)
     k: Vec<f32>,         // (batch, kv_heads*head_dim) new keys, before they go to the cache
     v: Vec<f32>,         // (batch, kv_heads*head_dim) new values, before they go to the cache
-    att_heads: Vec<f32>, // (n_heads, batch, head_dim) attention output, head-major
+    att_heads: Vec<f32>, // (batch, n_heads*head_dim) attention output by kv head (`attention`)
     att: Vec<f32>,       // (batch, n_heads*head_dim) attention output, token-major
-    scores: Vec<f32>,    // (n_heads, capacity) one row of attention weights per head
+    scores: Vec<f32>,    // (n_heads, capacity rounded up to ATT_PAD) decode's attention weights
     gate: Vec<f32>,      // (batch, intermediate)
     up: Vec<f32>,        // (batch, intermediate)
     cos: Vec<f32>,       // (batch, head_dim/2) RoPE cos for the batch's positions
@@ -54,7 +59,7 @@ impl LlamaState {
             v: vec![0.0; batch * kvd],
             att_heads: vec![0.0; batch * qd],
             att: vec![0.0; batch * qd],
-            scores: vec![0.0; cfg.num_attention_heads * capacity.max(1)],
+            scores: vec![0.0; cfg.num_attention_heads * capacity.max(1).next_multiple_of(ATT_PAD)],
             gate: vec![0.0; batch * cfg.intermediate_size],
             up: vec![0.0; batch * cfg.intermediate_size],
             cos: vec![0.0; batch * cfg.head_dim / 2],
@@ -87,7 +92,7 @@ impl LlamaState {
         s.up = vec![0.0; b * inter];
         s.cos = vec![0.0; b * cfg.head_dim / 2];
         s.sin = vec![0.0; b * cfg.head_dim / 2];
-        s.scores = vec![0.0; cfg.num_attention_heads * max_len.max(1)];
+        s.scores = vec![0.0; cfg.num_attention_heads * max_len.max(1).next_multiple_of(ATT_PAD)];
         s
     }
 
@@ -269,17 +274,106 @@ impl Forward<'_> {
         }
     }
 
-    /// One query head `q` (RoPE applied) over positions `0..len` of its kv head:
-    /// `out = V softmax(K q / sqrt(head_dim))`. Runs on the calling thread.
-    fn attend(&self, kv: KvHead<'_>, q: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
+    /// Attention of query rows `q` (RoPE applied; `hd` values each) of heads sharing the kv
+    /// head `kv`, row r over positions `0..lens[r]`: `out` row r = V softmax(K q_r /
+    /// sqrt(head_dim)). `scores` is scratch for (rows, max len rounded up to `ATT_PAD`).
+    /// Each key and value row is read once for all the rows, and a row's bits do not depend
+    /// on the others (`attn_scores`, `attn_values`): a token's attention is the same however
+    /// its prompt was chunked or batched and whether it runs alone. On the calling thread.
+    fn attend(
+        &self,
+        kv: KvHead<'_>,
+        q: &[f32],
+        lens: &[usize],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         let k = self.k;
         let hd = self.cfg.head_dim;
-        let s = &mut scores[..len];
-        k.matvec_strided(Weights::F32(kv.keys(len)), hd, q, s);
-        k.scale(s, (hd as f64).powf(-0.5) as f32);
-        k.softmax(s);
-        let (values, stride) = kv.values(len);
-        k.matvec_strided(Weights::F32(values), stride, s, out);
+        let (n, len) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+        let ld = len.next_multiple_of(ATT_PAD);
+        let scores = &mut scores[..n * ld];
+        let (kt, stride) = kv.keys();
+        k.attn_scores(kt, stride, len, q, n, ld, scores);
+        let scale = (hd as f64).powf(-0.5) as f32;
+        for (r, &lr) in lens.iter().enumerate() {
+            let s = &mut scores[r * ld..r * ld + lr];
+            k.scale(s, scale);
+            k.softmax(s);
+        }
+        k.attn_values(kv.values(len), hd, scores, ld, lens, out);
+    }
+
+    /// Attention of layer `l` for the tokens of `segs` (each a cache, the position of its
+    /// first token and its number of tokens; their queries are consecutive rows of `q`, keys
+    /// and values already in the caches) into `att` (tokens, n_heads·hd), with `heads` as
+    /// scratch of the same size. Work items are (segment, kv head, block of tokens): the
+    /// block's queries of every head sharing the kv head, up to [`ATT_ROWS`] rows, go through
+    /// [`Forward::attend`] together, in parallel when there is enough work.
+    fn attention(
+        &self,
+        l: usize,
+        segs: &[(&KvCache, usize, usize)],
+        q: &[f32],
+        heads: &mut [f32],
+        att: &mut [f32],
+    ) {
+        let cfg = self.cfg;
+        let (qd, hd, nkv) = (cfg.q_dim(), cfg.head_dim, cfg.num_key_value_heads);
+        let group = cfg.num_attention_heads / nkv;
+        let tb = (ATT_ROWS / group).max(1);
+        // Item outputs are carved from `heads` in order: (segment, kv head, token, head in
+        // group, hd).
+        let mut items = Vec::new();
+        let (mut rest, mut t0, mut work) = (&mut heads[..], 0, 0);
+        for &(kv, pos, ns) in segs {
+            work += cfg.num_attention_heads * ns * (pos + ns) * hd;
+            for g in 0..nkv {
+                for b0 in (0..ns).step_by(tb) {
+                    let b1 = (b0 + tb).min(ns);
+                    let (o, r) = std::mem::take(&mut rest).split_at_mut((b1 - b0) * group * hd);
+                    rest = r;
+                    items.push((kv, pos, t0, g, b0..b1, o));
+                }
+            }
+            t0 += ns;
+        }
+        type Item<'a> = (
+            &'a KvCache,
+            usize,
+            usize,
+            usize,
+            std::ops::Range<usize>,
+            &'a mut [f32],
+        );
+        let one = |(kv, pos, t0, g, b, out): Item<'_>| {
+            let rows = b.len() * group;
+            let (mut qb, mut lens) = (Vec::with_capacity(rows * hd), Vec::with_capacity(rows));
+            for i in b.clone() {
+                let t = t0 + i;
+                qb.extend_from_slice(&q[t * qd + g * group * hd..t * qd + (g + 1) * group * hd]);
+                lens.extend(std::iter::repeat_n(pos + i + 1, group));
+            }
+            let mut scores = vec![0f32; rows * (pos + b.end).next_multiple_of(ATT_PAD)];
+            self.attend(kv.head(l, g), &qb, &lens, &mut scores, out);
+        };
+        if work >= 1 << 16 && items.len() > 1 {
+            items.into_par_iter().for_each(one);
+        } else {
+            items.into_iter().for_each(one);
+        }
+        // (segment, kv head, token, head in group, hd) -> (token, n_heads·hd)
+        let (mut base, w) = (0, group * hd);
+        for &(_, _, ns) in segs {
+            for g in 0..nkv {
+                for i in 0..ns {
+                    let src = base * qd + (g * ns + i) * w;
+                    let dst = (base + i) * qd + g * w;
+                    att[dst..dst + w].copy_from_slice(&heads[src..src + w]);
+                }
+            }
+            base += ns;
+        }
     }
 
     /// Run `tokens` (at most `state.batch`; a prompt's if `prompt`, see [`Run`]) at positions
@@ -360,42 +454,9 @@ impl Forward<'_> {
             }
         }
 
-        // Query heads in parallel when there is enough work; each writes its (n, hd) block
-        // of the head-major output and its own row of scores.
-        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        let row = s.scores.len() / cfg.num_attention_heads;
-        let kv = &s.kv;
-        let q = &*q;
-        let one_head = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
-            let kvh = kv.head(l, head / group);
-            for t in 0..n {
-                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                self.attend(kvh, qt, p0 + t + 1, scores, &mut out[t * hd..(t + 1) * hd]);
-            }
-        };
-        let heads = s.att_heads[..n * qd].chunks_mut(n * hd);
-        let work = cfg.num_attention_heads * n * (p0 + n) * hd;
-        if work >= 1 << 16 && cfg.num_attention_heads > 1 {
-            s.att_heads[..n * qd]
-                .par_chunks_mut(n * hd)
-                .zip(s.scores.par_chunks_mut(row))
-                .enumerate()
-                .for_each(one_head);
-        } else {
-            heads
-                .zip(s.scores.chunks_mut(row))
-                .enumerate()
-                .for_each(one_head);
-        }
-        // (n_heads, n, hd) -> (n, n_heads*hd)
-        let att = &mut s.att[..n * qd];
-        for head in 0..cfg.num_attention_heads {
-            for t in 0..n {
-                let src = (head * n + t) * hd;
-                att[t * qd + head * hd..t * qd + (head + 1) * hd]
-                    .copy_from_slice(&s.att_heads[src..src + hd]);
-            }
-        }
+        let seg = [(&s.kv, p0, n)];
+        self.attention(l, &seg, q, &mut s.att_heads[..n * qd], &mut s.att[..n * qd]);
+        let att = &s.att[..n * qd];
         self.matmul(self.w.w(lw.wo), att, runs, xn);
         k.add(x, xn);
     }
@@ -471,6 +532,7 @@ impl Forward<'_> {
         let inter = cfg.intermediate_size;
         // Every step below reaches the shared buffers through the team's helpers, which hand
         // each thread disjoint parts (or thread 0 all of them) between two barriers.
+        let lens = vec![len; group];
         let ran = team::try_run(|t| {
             for (l, lw) in self.w.layers.iter().enumerate() {
                 t.serial([x, xn], |[x, xn]| k.rmsnorm(x, &lw.attn_norm, eps, xn));
@@ -491,18 +553,20 @@ impl Forward<'_> {
                     self.rope(kg, cos, sin);
                     layout.head(kc, vc).write(p0, kg, vg);
                 });
-                // Then attention by query head, reading its kv head: shared out by kv head,
-                // SmolLM2's three would leave one of two threads idle a third of the time.
+                // Then attention by kv head: its query heads together, so its keys and
+                // values are read once. (SmolLM2's three kv heads leave one of two threads
+                // idle a third of the time, but by query head, reading each kv head three
+                // times, decoded slower: at 1024 positions 69-79 tok/s against 72-96.)
                 t.share_chunks(
-                    cfg.num_attention_heads,
-                    [(q, hd), (scores, row), (att, hd)],
-                    |i, [qh, sc, out]| {
-                        let r = layout.range(l, i / group);
+                    nkv,
+                    [(q, group * hd), (scores, group * row), (att, group * hd)],
+                    |g, [qh, sc, out]| {
+                        let r = layout.range(l, g);
                         // SAFETY: nothing writes the cache in this phase (the writes above
                         // ended with its barrier); the outputs are other buffers.
                         let (kc, vc) = unsafe { (&k_store.get()[r.clone()], &v_store.get()[r]) };
                         self.rope(qh, cos, sin);
-                        self.attend(layout.head_ref(kc, vc), qh, len, sc, out);
+                        self.attend(layout.head_ref(kc, vc), qh, &lens, sc, out);
                     },
                 );
                 t.matvecs_shared(k, &[(self.w.w(lw.wo), xn)], att);
@@ -563,7 +627,6 @@ pub struct BatchScratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    scores: Vec<f32>,
     /// (segments wanting logits, vocab), in segment order.
     pub(crate) logits: Vec<f32>,
 }
@@ -574,7 +637,7 @@ impl BatchScratch {
         &self.logits
     }
 
-    fn fit(&mut self, cfg: &LlamaConfig, n: usize, score_len: usize, out_rows: usize) {
+    fn fit(&mut self, cfg: &LlamaConfig, n: usize, out_rows: usize) {
         let (h, qd, kvd, inter) = (
             cfg.hidden_size,
             cfg.q_dim(),
@@ -594,7 +657,6 @@ impl BatchScratch {
             (&mut self.up, n * inter),
             (&mut self.cos, n * half),
             (&mut self.sin, n * half),
-            (&mut self.scores, score_len),
             (&mut self.logits, out_rows * cfg.vocab_size),
         ] {
             v.resize(len, 0.0);
@@ -614,12 +676,8 @@ impl Forward<'_> {
         let (cfg, k) = (self.cfg, self.k);
         let (h, half) = (cfg.hidden_size, cfg.head_dim / 2);
         let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
-        let score_len: usize = segs
-            .iter()
-            .map(|s| cfg.num_attention_heads * (s.pos + s.tokens.len()))
-            .sum();
         let out_rows = segs.iter().filter(|s| s.logits).count();
-        sc.fit(cfg, n, score_len, out_rows);
+        sc.fit(cfg, n, out_rows);
         // Rows by kind, neighbouring segments of one kind merged.
         let mut runs: Vec<Run> = Vec::with_capacity(segs.len());
         let mut end = 0;
@@ -718,63 +776,18 @@ impl Forward<'_> {
             }
         }
 
-        // One work item per (segment, query head): its (tokens, hd) block of the
-        // segment-then-head-major output and its own rows of scores.
-        let heads = cfg.num_attention_heads;
-        let group = heads / cfg.num_key_value_heads;
-        let mut items = Vec::with_capacity(segs.len() * heads);
-        let (mut out, mut scores) = (&mut sc.att_heads[..n * qd], &mut sc.scores[..]);
-        let mut t0 = 0;
-        let mut work = 0;
-        for (si, s) in segs.iter().enumerate() {
-            let (ns, len) = (s.tokens.len(), s.pos + s.tokens.len());
-            work += heads * ns * len * hd;
-            for head in 0..heads {
-                let (o, rest) = std::mem::take(&mut out).split_at_mut(ns * hd);
-                let (sr, srest) = std::mem::take(&mut scores).split_at_mut(len);
-                (out, scores) = (rest, srest);
-                items.push((si, t0, head, o, sr));
-            }
-            t0 += ns;
-        }
-        let q = &*q;
-        let segs = &*segs;
-        let one = |(si, t0, head, out, scores): (usize, usize, usize, &mut [f32], &mut [f32])| {
-            let s = &segs[si];
-            let kvh = s.kv.head(l, head / group);
-            for i in 0..s.tokens.len() {
-                let t = t0 + i;
-                let qt = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                self.attend(
-                    kvh,
-                    qt,
-                    s.pos + i + 1,
-                    scores,
-                    &mut out[i * hd..(i + 1) * hd],
-                );
-            }
-        };
-        if work >= 1 << 16 && items.len() > 1 {
-            items.into_par_iter().for_each(one);
-        } else {
-            items.into_iter().for_each(one);
-        }
-        // (segment, head, token, hd) -> (token, n_heads*hd)
-        let att = &mut sc.att[..n * qd];
-        let mut t0 = 0;
-        for s in segs.iter() {
-            let ns = s.tokens.len();
-            let base = t0 * qd;
-            for head in 0..heads {
-                for i in 0..ns {
-                    let src = base + (head * ns + i) * hd;
-                    let t = t0 + i;
-                    att[t * qd + head * hd..t * qd + (head + 1) * hd]
-                        .copy_from_slice(&sc.att_heads[src..src + hd]);
-                }
-            }
-            t0 += ns;
-        }
+        let seg: Vec<_> = segs
+            .iter()
+            .map(|s| (&*s.kv, s.pos, s.tokens.len()))
+            .collect();
+        self.attention(
+            l,
+            &seg,
+            q,
+            &mut sc.att_heads[..n * qd],
+            &mut sc.att[..n * qd],
+        );
+        let att = &sc.att[..n * qd];
         self.matmul(self.w.w(lw.wo), att, runs, xn);
         k.add(x, xn);
     }

@@ -2,53 +2,55 @@
 //! positions run so far. The forward pass reaches it only through heads (`write`, `keys`,
 //! `values`), so its layout, or a paged one later, is this file's business alone.
 
+use spinfer_kernels::ATT_PAD;
 use std::ops::Range;
 
 /// Keys and values for up to `capacity` positions.
 ///
-/// Per kv head, keys are rows and values columns, so that the scores of one query are a single
-/// matrix-vector product over contiguous rows, and its output another over the value columns
-/// (a strided matvec).
+/// Per kv head, keys are stored transposed (row d holds dimension d of every position) and
+/// values as rows by position, both over `capacity` rounded up to `ATT_PAD` positions: a
+/// query's scores are then one vector per 16 positions, summed over the dimensions
+/// (`Kernels::attn_scores`), its output one pass over the value rows (`Kernels::attn_values`),
+/// and a block of queries shares every load.
 pub struct KvCache {
     layout: KvLayout,
-    k: Vec<f32>, // (layers, kv_heads, capacity, head_dim)
-    v: Vec<f32>, // (layers, kv_heads, head_dim, capacity), transposed
+    k: Vec<f32>, // (layers, kv_heads, head_dim, stride), transposed
+    v: Vec<f32>, // (layers, kv_heads, stride, head_dim)
 }
 
 /// Where each head lies in a [`KvCache`]'s storage.
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayout {
     capacity: usize,
+    /// `capacity` rounded up to `ATT_PAD`: the length of a key row.
+    stride: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
 /// One kv head of one layer, borrowed to write.
 pub struct KvHeadMut<'a> {
-    capacity: usize,
     head_dim: usize,
-    k: &'a mut [f32], // (capacity, head_dim)
-    v: &'a mut [f32], // (head_dim, capacity)
+    stride: usize,
+    k: &'a mut [f32], // (head_dim, stride)
+    v: &'a mut [f32], // (stride, head_dim)
 }
 
 /// One kv head of one layer, borrowed to read.
 #[derive(Clone, Copy)]
 pub struct KvHead<'a> {
-    capacity: usize,
     head_dim: usize,
+    stride: usize,
     k: &'a [f32],
     v: &'a [f32],
 }
 
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
-        let n = layers * kv_heads * capacity * head_dim;
+        let layout = KvLayout::new(kv_heads, head_dim, capacity);
+        let n = layers * kv_heads * layout.per();
         KvCache {
-            layout: KvLayout {
-                capacity,
-                kv_heads,
-                head_dim,
-            },
+            layout,
             k: vec![0.0; n],
             v: vec![0.0; n],
         }
@@ -62,7 +64,8 @@ impl KvCache {
         head_dim: usize,
         capacity: usize,
     ) -> Result<KvCache, std::collections::TryReserveError> {
-        let n = layers * kv_heads * capacity * head_dim;
+        let layout = KvLayout::new(kv_heads, head_dim, capacity);
+        let n = layers * kv_heads * layout.per();
         let zeros = |n: usize| -> Result<Vec<f32>, std::collections::TryReserveError> {
             let mut v = Vec::new();
             v.try_reserve_exact(n)?;
@@ -70,11 +73,7 @@ impl KvCache {
             Ok(v)
         };
         Ok(KvCache {
-            layout: KvLayout {
-                capacity,
-                kv_heads,
-                head_dim,
-            },
+            layout,
             k: zeros(n)?,
             v: zeros(n)?,
         })
@@ -82,7 +81,8 @@ impl KvCache {
 
     /// Bytes a cache of these dimensions holds (keys and values).
     pub fn bytes_for(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> usize {
-        2 * layers * kv_heads * head_dim * capacity * std::mem::size_of::<f32>()
+        let per = KvLayout::new(kv_heads, head_dim, capacity).per();
+        2 * layers * kv_heads * per * std::mem::size_of::<f32>()
     }
 
     /// Bytes this cache holds.
@@ -100,30 +100,30 @@ impl KvCache {
         assert!(
             a.kv_heads == b.kv_heads
                 && a.head_dim == b.head_dim
-                && self.k.len() / a.capacity == src.k.len() / b.capacity,
+                && self.k.len() / a.per() == src.k.len() / b.per(),
             "copy_prefix: different models"
         );
         assert!(
             len <= a.capacity && len <= b.capacity,
             "copy_prefix: too long"
         );
-        let hd = a.head_dim;
+        let (hd, n) = (a.head_dim, len * a.head_dim);
         for (dst, s) in self
             .k
             .chunks_exact_mut(a.per())
             .zip(src.k.chunks_exact(b.per()))
         {
-            dst[..len * hd].copy_from_slice(&s[..len * hd]);
+            for d in 0..hd {
+                dst[d * a.stride..d * a.stride + len]
+                    .copy_from_slice(&s[d * b.stride..d * b.stride + len]);
+            }
         }
         for (dst, s) in self
             .v
             .chunks_exact_mut(a.per())
             .zip(src.v.chunks_exact(b.per()))
         {
-            for d in 0..hd {
-                dst[d * a.capacity..d * a.capacity + len]
-                    .copy_from_slice(&s[d * b.capacity..d * b.capacity + len]);
-            }
+            dst[..n].copy_from_slice(&s[..n]);
         }
     }
 
@@ -156,9 +156,18 @@ impl KvCache {
 }
 
 impl KvLayout {
+    fn new(kv_heads: usize, head_dim: usize, capacity: usize) -> KvLayout {
+        KvLayout {
+            capacity,
+            stride: capacity.next_multiple_of(ATT_PAD),
+            kv_heads,
+            head_dim,
+        }
+    }
+
     /// Floats per head, in each of the key and value storage.
     fn per(&self) -> usize {
-        self.capacity * self.head_dim
+        self.stride * self.head_dim
     }
 
     /// Where head (`layer`, `head`) lies in each of [`KvCache::storage_mut`]'s slices.
@@ -175,8 +184,8 @@ impl KvLayout {
             "KvLayout::head: not one head"
         );
         KvHeadMut {
-            capacity: self.capacity,
             head_dim: self.head_dim,
+            stride: self.stride,
             k,
             v,
         }
@@ -189,8 +198,8 @@ impl KvLayout {
             "KvLayout::head_ref: not one head"
         );
         KvHead {
-            capacity: self.capacity,
             head_dim: self.head_dim,
+            stride: self.stride,
             k,
             v,
         }
@@ -201,26 +210,23 @@ impl KvHeadMut<'_> {
     /// Store the key and value of position `pos`.
     pub fn write(&mut self, pos: usize, key: &[f32], value: &[f32]) {
         let hd = self.head_dim;
-        self.k[pos * hd..(pos + 1) * hd].copy_from_slice(key);
-        for (d, &v) in value.iter().enumerate() {
-            self.v[d * self.capacity + pos] = v;
+        for (d, &x) in key.iter().enumerate() {
+            self.k[d * self.stride + pos] = x;
         }
+        self.v[pos * hd..(pos + 1) * hd].copy_from_slice(value);
     }
 }
 
 impl<'a> KvHead<'a> {
-    /// Keys of positions `0..len`: (len, head_dim).
-    pub fn keys(&self, len: usize) -> &'a [f32] {
-        &self.k[..len * self.head_dim]
+    /// The keys, transposed: (head_dim, stride) and the stride, a multiple of `ATT_PAD` (what
+    /// `Kernels::attn_scores` takes). The kernels read past the positions written, up to the
+    /// next multiple of `ATT_PAD`, and their scores there are ignored.
+    pub fn keys(&self) -> (&'a [f32], usize) {
+        (self.k, self.stride)
     }
 
-    /// Values of positions `0..len`: a (head_dim, len) block whose rows are `stride` apart,
-    /// returned as (block, stride).
-    pub fn values(&self, len: usize) -> (&'a [f32], usize) {
-        let end = match len {
-            0 => 0,
-            _ => (self.head_dim - 1) * self.capacity + len,
-        };
-        (&self.v[..end], self.capacity)
+    /// Values of positions `0..len`: (len, head_dim).
+    pub fn values(&self, len: usize) -> &'a [f32] {
+        &self.v[..len * self.head_dim]
     }
 }
