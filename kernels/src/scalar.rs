@@ -177,7 +177,10 @@ pub fn attn_scores(
     ld: usize,
     scores: &mut [f32],
 ) {
-    assert!(n > 0 && q.len().is_multiple_of(n), "attn_scores: q is not (n, hd)");
+    assert!(
+        n > 0 && q.len().is_multiple_of(n),
+        "attn_scores: q is not (n, hd)"
+    );
     let hd = q.len() / n;
     assert!(len <= stride && len <= ld, "attn_scores: rows too short");
     for r in 0..n {

@@ -1186,7 +1186,10 @@ pub(crate) unsafe fn attn_scores<S: Simd>(
     ld: usize,
     scores: &mut [f32],
 ) {
-    assert!(n > 0 && q.len().is_multiple_of(n), "attn_scores: q is not (n, hd)");
+    assert!(
+        n > 0 && q.len().is_multiple_of(n),
+        "attn_scores: q is not (n, hd)"
+    );
     let hd = q.len() / n;
     let end = len.next_multiple_of(ATT_PAD);
     assert!(end <= stride && end <= ld, "attn_scores: rows not padded");
