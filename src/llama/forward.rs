@@ -18,6 +18,13 @@ pub const MAX_BATCH: usize = 256;
 /// scores and queries in L1 while each key and value row is loaded once for all of them.
 const ATT_ROWS: usize = 16;
 
+thread_local! {
+    /// Prompt attention's per-thread scratch: a work item's gathered queries, their lengths
+    /// and their scores (kept between items, so the per-step path allocates nothing).
+    static ATT_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<usize>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
 /// KV cache and activation scratch for one sequence. Everything is allocated in `new`.
 pub struct LlamaState {
     pos: usize,
@@ -347,15 +354,19 @@ impl Forward<'_> {
             &'a mut [f32],
         );
         let one = |(kv, pos, t0, g, b, out): Item<'_>| {
-            let rows = b.len() * group;
-            let (mut qb, mut lens) = (Vec::with_capacity(rows * hd), Vec::with_capacity(rows));
-            for i in b.clone() {
-                let t = t0 + i;
-                qb.extend_from_slice(&q[t * qd + g * group * hd..t * qd + (g + 1) * group * hd]);
-                lens.extend(std::iter::repeat_n(pos + i + 1, group));
-            }
-            let mut scores = vec![0f32; rows * (pos + b.end).next_multiple_of(ATT_PAD)];
-            self.attend(kv.head(l, g), &qb, &lens, &mut scores, out);
+            ATT_SCRATCH.with_borrow_mut(|(qb, lens, scores)| {
+                qb.clear();
+                lens.clear();
+                for i in b.clone() {
+                    let t = t0 + i;
+                    qb.extend_from_slice(
+                        &q[t * qd + g * group * hd..t * qd + (g + 1) * group * hd],
+                    );
+                    lens.extend(std::iter::repeat_n(pos + i + 1, group));
+                }
+                scores.resize(lens.len() * (pos + b.end).next_multiple_of(ATT_PAD), 0.0);
+                self.attend(kv.head(l, g), qb, lens, scores, out);
+            })
         };
         if work >= 1 << 16 && items.len() > 1 {
             items.into_par_iter().for_each(one);
