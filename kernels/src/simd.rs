@@ -1203,7 +1203,6 @@ pub(crate) unsafe fn attn_scores<S: Simd>(
     );
     let mut r = 0;
     while r < n {
-        // AVX-512's 32 registers hold 4 rows x 4 vectors of sums; 16 registers, 2 rows.
         let take = rows_at_once::<S>(n - r);
         match take {
             4 => scores_rows::<S, 4>(s, kt, stride, end, q, hd, r, ld, scores),
