@@ -543,7 +543,10 @@ impl Policy {
     pub fn precision(self, w: Weights<'_>, n: usize) -> Precision {
         if self.amx && matches!(w, Weights::Bf16(_)) && n >= AMX_MIN_N && amx_available() {
             Precision::Amx
-        } else if self.bf16_dot {
+        } else if self.bf16_dot && n >= 2 {
+            // One token stays the exact matrix-vector product, as with AMX (the default is on
+            // for AMD's AVX-512 BF16 CPUs, where `matmul(.., 1, ..)` rounded and differed
+            // from `matvec`).
             Precision::Bf16Dot
         } else {
             Precision::Exact

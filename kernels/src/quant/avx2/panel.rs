@@ -108,92 +108,124 @@ unsafe fn broadcast(y: &[i8]) -> __m256i {
     _mm256_set1_epi32((y.as_ptr() as *const i32).read_unaligned())
 }
 
-/// The eight rows' sums over values 16h..16h+16 of the block times the token's `y`.
+/// The eight rows' sums over values 16h..16h+16 of the block times each of `T` tokens' `ys`
+/// (each weight vector loaded once for the T).
 #[inline(always)]
-unsafe fn half<M: Mul, B: Legacy>(p: &Panel, h: usize, y: &[i8; 32]) -> __m256i {
+unsafe fn half<M: Mul, B: Legacy, const T: usize>(
+    p: &Panel,
+    h: usize,
+    ys: [&[i8; 32]; T],
+) -> [__m256i; T] {
     // (No closures: one would not get the caller's target features, and its intrinsics would
     // not inline.)
-    let mut s = _mm256_setzero_si256();
+    let mut s = [_mm256_setzero_si256(); T];
     for g in 4 * h..4 * h + 4 {
         let w = _mm256_load_si256(p.w[g].as_ptr() as *const __m256i);
-        let y = broadcast(&y[4 * g..]);
-        s = if !B::SIGNED && !M::WIDE {
-            // Values ≤ 31 and |y| ≤ 127: a `vpmaddubsw` pair is ≤ 7874, four of them fit i16.
-            _mm256_add_epi16(s, _mm256_maddubs_epi16(w, y))
-        } else if B::SIGNED && !M::WIDE {
-            // The sign trick, as `dot_n`: |w| times y with w's sign.
-            M::us8_add(s, _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
-        } else {
-            M::us8_add(s, w, y)
-        };
+        for t in 0..T {
+            let y = broadcast(&ys[t][4 * g..]);
+            s[t] = if !B::SIGNED && !M::WIDE {
+                // Values ≤ 31 and |y| ≤ 127: a `vpmaddubsw` pair is ≤ 7874, four of them fit i16.
+                _mm256_add_epi16(s[t], _mm256_maddubs_epi16(w, y))
+            } else if B::SIGNED && !M::WIDE {
+                // The sign trick, as `dot_n`: |w| times y with w's sign.
+                M::us8_add(s[t], _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
+            } else {
+                M::us8_add(s[t], w, y)
+            };
+        }
     }
     if !B::SIGNED && !M::WIDE {
-        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
-    } else {
-        s
-    }
-}
-
-/// Block `j` of a group (`p`: its panel; `gr`: the token's group) into `dot_n`'s lanes j and
-/// 4 + j (`acc`) and j (`accm`).
-#[inline(always)]
-unsafe fn block<M: Mul, B: Legacy>(
-    p: &Panel,
-    gr: &Group,
-    j: usize,
-    acc: &mut [__m256; 8],
-    accm: &mut [__m256; 4],
-) {
-    let mut lo = half::<M, B>(p, 0, &gr.qs[j]);
-    let hi = half::<M, B>(p, 1, &gr.qs[j]);
-    if offset::<M, B>() != 0 {
-        lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(gr.corr[j]));
-    }
-    let sc = _mm256_mul_ps(_mm256_load_ps(p.d.as_ptr()), _mm256_set1_ps(gr.dy[j]));
-    acc[j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(lo), acc[j]);
-    acc[4 + j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(hi), acc[4 + j]);
-    if B::MIN {
-        let m = _mm256_load_ps(p.m.as_ptr());
-        accm[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(gr.s[j]), accm[j]);
-    }
-}
-
-/// One token (`g`: its groups) against the eight rows of `panels`: row r's output in lane r.
-#[inline(always)]
-unsafe fn token<M: Mul, B: Legacy>(panels: &[Panel], g: &[Group]) -> __m256 {
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut accm = [_mm256_setzero_ps(); 4];
-    let (full, rest) = panels.as_chunks::<4>();
-    for (p4, gr) in full.iter().zip(g) {
-        for j in 0..4 {
-            block::<M, B>(&p4[j], gr, j, &mut acc, &mut accm);
+        for s in &mut s {
+            *s = _mm256_madd_epi16(*s, _mm256_set1_epi16(1));
         }
+    }
+    s
+}
+
+/// A token's accumulators: `dot_n`'s lanes j and 4 + j (`acc`), and j (`accm`), each as a
+/// vector whose lane r is row r.
+#[derive(Clone, Copy)]
+struct Acc {
+    acc: [__m256; 8],
+    accm: [__m256; 4],
+}
+
+/// Block `j` of a group (`p`: its panel; `grs`: the T tokens' groups) into each token's
+/// accumulators.
+#[inline(always)]
+unsafe fn block<M: Mul, B: Legacy, const T: usize>(
+    p: &Panel,
+    grs: [&Group; T],
+    j: usize,
+    a: &mut [Acc; T],
+) {
+    let lo = half::<M, B, T>(p, 0, grs.map(|gr| &gr.qs[j]));
+    let hi = half::<M, B, T>(p, 1, grs.map(|gr| &gr.qs[j]));
+    for t in 0..T {
+        let (gr, a) = (grs[t], &mut a[t]);
+        let mut lo = lo[t];
+        if offset::<M, B>() != 0 {
+            lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(gr.corr[j]));
+        }
+        let sc = _mm256_mul_ps(_mm256_load_ps(p.d.as_ptr()), _mm256_set1_ps(gr.dy[j]));
+        a.acc[j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(lo), a.acc[j]);
+        a.acc[4 + j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(hi[t]), a.acc[4 + j]);
+        if B::MIN {
+            let m = _mm256_load_ps(p.m.as_ptr());
+            a.accm[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(gr.s[j]), a.accm[j]);
+        }
+    }
+}
+
+/// `T` tokens (`gs`: their groups) against the eight rows of `panels`: for each token, row r's
+/// output in lane r. The tokens share each panel load; each token's steps are `dot_n`'s.
+#[inline(always)]
+unsafe fn tokens<M: Mul, B: Legacy, const T: usize>(
+    panels: &[Panel],
+    gs: [&[Group]; T],
+) -> [__m256; T] {
+    let zero = Acc {
+        acc: [_mm256_setzero_ps(); 8],
+        accm: [_mm256_setzero_ps(); 4],
+    };
+    let mut a = [zero; T];
+    let (full, rest) = panels.as_chunks::<4>();
+    for (i, p4) in full.iter().enumerate() {
+        let grs = gs.map(|g| &g[i]);
+        // Written out: a loop over j was left rolled, and the accumulators it indexes went to
+        // the stack (a store-to-load chain per block).
+        block::<M, B, T>(&p4[0], grs, 0, &mut a);
+        block::<M, B, T>(&p4[1], grs, 1, &mut a);
+        block::<M, B, T>(&p4[2], grs, 2, &mut a);
+        block::<M, B, T>(&p4[3], grs, 3, &mut a);
     }
     // `dot_n` adds zeros for the blocks missing from the last group, which leave its lanes as
     // they are (an accumulator that starts at +0 never holds -0), so they are skipped. Constant
     // indices keep the accumulators in registers.
     if !rest.is_empty() {
-        let gr = &g[full.len()];
-        block::<M, B>(&rest[0], gr, 0, &mut acc, &mut accm);
+        let grs = gs.map(|g| &g[full.len()]);
+        block::<M, B, T>(&rest[0], grs, 0, &mut a);
         if rest.len() > 1 {
-            block::<M, B>(&rest[1], gr, 1, &mut acc, &mut accm);
+            block::<M, B, T>(&rest[1], grs, 1, &mut a);
         }
         if rest.len() > 2 {
-            block::<M, B>(&rest[2], gr, 2, &mut acc, &mut accm);
+            block::<M, B, T>(&rest[2], grs, 2, &mut a);
         }
     }
     // `hsum`: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)); `hsum4`: (m0 + m2) + (m1 + m3).
-    let a: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(acc[i], acc[4 + i]));
-    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
-    if B::MIN {
-        let m = _mm256_add_ps(
-            _mm256_add_ps(accm[0], accm[2]),
-            _mm256_add_ps(accm[1], accm[3]),
-        );
-        _mm256_add_ps(s, m)
-    } else {
-        s
-    }
+    a.map(|Acc { acc, accm }| {
+        let a: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(acc[i], acc[4 + i]));
+        let s = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+        if B::MIN {
+            let m = _mm256_add_ps(
+                _mm256_add_ps(accm[0], accm[2]),
+                _mm256_add_ps(accm[1], accm[3]),
+            );
+            _mm256_add_ps(s, m)
+        } else {
+            s
+        }
+    })
 }
 
 /// `f` with this thread's panel buffer.
@@ -222,8 +254,20 @@ pub(super) unsafe fn tile<M: Mul, B: Legacy>(
     panels.resize(bpr, EMPTY);
     for r0 in (0..whole).step_by(ROWS) {
         pack::<M, B>(&w[r0 * bpr..(r0 + ROWS) * bpr], bpr, panels);
-        for t in 0..n {
-            let v = token::<M, B>(panels, &g[t * ng..(t + 1) * ng]);
+        let at = |t: usize| &g[t * ng..(t + 1) * ng];
+        let mut t = 0;
+        // Token pairs where there are registers for both sets of accumulators (AVX-512's 32):
+        // each panel load then serves two tokens, and loads, not multiplies, bound this loop.
+        while M::WIDE && t + 2 <= n {
+            let v = tokens::<M, B, 2>(panels, [at(t), at(t + 1)]);
+            for (i, v) in v.into_iter().enumerate() {
+                let o = &mut out[(t + i) * rows + r0..(t + i) * rows + r0 + ROWS];
+                _mm256_storeu_ps(o.as_mut_ptr(), v);
+            }
+            t += 2;
+        }
+        for t in t..n {
+            let [v] = tokens::<M, B, 1>(panels, [at(t)]);
             let o = &mut out[t * rows + r0..t * rows + r0 + ROWS];
             _mm256_storeu_ps(o.as_mut_ptr(), v);
         }
