@@ -381,13 +381,14 @@ fn matmul_token_rows_equal_matvec_bit_for_bit() {
     // the product, or a batched request could sample differently than it would alone. The
     // single-token dots are the multi-token bodies with N = 1, so this holds exactly; 13 and
     // 16 tokens pass through the eight- and four-token groups of the k-quant tiles. The legacy
-    // formats' eight-row panels take dot_n's steps in its order: 37 rows are four panels and
-    // five lone rows, and the column counts give rows of 1, 3, 6, 7 and 32 blocks (whole
-    // groups of four and a partial last one of each length).
+    // formats' panels take dot_n's steps in its order: 45 rows are two sixteen-row panels, one
+    // eight-row panel and five lone rows on AVX-512 (five eight-row panels on AVX2), odd token
+    // counts leave a token out of the panels' pairs, and the column counts give rows of 1, 3,
+    // 6, 7 and 32 blocks (whole groups of four and a partial last one of each length).
     let mut rng = Rng(11);
     for f in block_formats() {
         for &cols in col_sizes(f) {
-            let rows = 37;
+            let rows = 45;
             let s = Store::random(f, rows * cols / f.block_len(), &mut rng);
             for n in [1, 2, 3, 4, 9, 13, 16] {
                 let x = acts_x(&mut rng, n * cols);

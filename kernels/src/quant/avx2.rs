@@ -56,6 +56,7 @@ use half::f16;
 mod kpanel;
 mod legacy;
 mod panel;
+mod panel512;
 
 /// A legacy-format entry point (`dot`, `dot4`, `rows`, `tile`) of the VNNI bodies when `VNNI`,
 /// else of the AVX2 ones.

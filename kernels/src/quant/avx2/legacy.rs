@@ -33,6 +33,21 @@ pub(super) trait Mul {
     /// their sign onto the activations (two `vpsignb` per block and token).
     const WIDE: bool;
     unsafe fn us8(a: __m256i, b: __m256i) -> __m256i;
+    /// Prefill's tile over the first rows of `w` in 512-bit panels where the tier has them
+    /// (`panel512.rs`): returns the rows done, and `panel.rs` takes the rest.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wide_tile<B: Legacy>(
+        _w: &[B],
+        _bpr: usize,
+        _g: &[Group],
+        _n: usize,
+        _ng: usize,
+        _out: &mut [f32],
+        _panels: &mut Vec<super::panel512::Panel>,
+    ) -> usize {
+        0
+    }
     /// `acc` plus [`Mul::us8`].
     #[inline(always)]
     unsafe fn us8_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
@@ -61,6 +76,18 @@ impl Mul for Vnni {
     #[inline(always)]
     unsafe fn us8_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, a, b)
+    }
+    #[inline(always)]
+    unsafe fn wide_tile<B: Legacy>(
+        w: &[B],
+        bpr: usize,
+        g: &[Group],
+        n: usize,
+        ng: usize,
+        out: &mut [f32],
+        panels: &mut Vec<super::panel512::Panel>,
+    ) -> usize {
+        super::panel512::tile(w, bpr, g, n, ng, out, panels)
     }
 }
 
@@ -487,13 +514,16 @@ macro_rules! entry_points {
                         );
                     }
                     super::super::panel::with_panels(|panels| {
-                        // SAFETY: the caller's CPU check.
-                        unsafe { tile_with::<B>(w, bpr, g, n, ng, out, panels) }
+                        super::super::panel512::with_panels(|wide| {
+                            // SAFETY: the caller's CPU check.
+                            unsafe { tile_with::<B>(w, bpr, g, n, ng, out, panels, wide) }
+                        })
                     })
                 })
             }
 
             #[target_feature(enable = $feat)]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn tile_with<B: Legacy>(
                 w: &[B],
                 bpr: usize,
@@ -502,10 +532,14 @@ macro_rules! entry_points {
                 ng: usize,
                 out: &mut [f32],
                 panels: &mut Vec<super::super::panel::Panel>,
+                wide: &mut Vec<super::super::panel512::Panel>,
             ) {
                 let one = |x: &[B], y: &[Group]| dot_n::<$M, B, 1>(x, [y])[0];
                 if n >= PANEL_MIN_TOKENS {
-                    return super::super::panel::tile::<$M, B>(w, bpr, g, n, ng, out, panels, one);
+                    let done = <$M>::wide_tile(w, bpr, g, n, ng, out, wide);
+                    return super::super::panel::tile::<$M, B>(
+                        w, bpr, g, n, ng, out, done, panels, one,
+                    );
                 }
                 tile_loop(
                     w,

@@ -234,8 +234,9 @@ pub(super) fn with_panels<R>(f: impl FnOnce(&mut Vec<Panel>) -> R) -> R {
 }
 
 /// `out` (n, rows) = the n tokens (`g`: `ng` groups each) × the rows of `w` (`bpr` blocks
-/// each), eight rows at a time through `panels`; the last `rows % 8` rows by `one` (`dot_n`
-/// for one row, which gives the same bits). Inlined into the callers' `#[target_feature]`
+/// each) from row `first` on (the rows before are done, by `panel512.rs`), eight rows at a
+/// time through `panels`; the last `rows % 8` rows by `one` (`dot_n` for one row, which gives
+/// the same bits). Inlined into the callers' `#[target_feature]`
 /// functions: nothing here may sit in a closure, which would not get their features.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -246,13 +247,14 @@ pub(super) unsafe fn tile<M: Mul, B: Legacy>(
     n: usize,
     ng: usize,
     out: &mut [f32],
+    first: usize,
     panels: &mut Vec<Panel>,
     one: impl Fn(&[B], &[Group]) -> f32,
 ) {
     let rows = out.len() / n;
-    let whole = rows - rows % ROWS;
+    let whole = rows - (rows - first) % ROWS;
     panels.resize(bpr, EMPTY);
-    for r0 in (0..whole).step_by(ROWS) {
+    for r0 in (first..whole).step_by(ROWS) {
         pack::<M, B>(&w[r0 * bpr..(r0 + ROWS) * bpr], bpr, panels);
         let at = |t: usize| &g[t * ng..(t + 1) * ng];
         let mut t = 0;
