@@ -55,6 +55,7 @@ use half::f16;
 
 mod kpanel;
 mod legacy;
+mod legacy512;
 mod panel;
 mod panel512;
 
@@ -594,7 +595,8 @@ unsafe fn streams<B>(w: &[B], bpr: usize, mut dot: impl FnMut(&[B]) -> f32, out:
 /// rows, the formats matched once for all of them.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL and VNNI if `VNNI`.
+/// The CPU must have AVX2, FMA and F16C, and AVX-512 F, VL, BW and VNNI if `VNNI` (the
+/// AVX-512 tier checks BW).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
@@ -610,8 +612,10 @@ pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, 
     }
     match (w, a) {
         (Weights::Q8_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q4_0(w), Acts::Q8_0(a)) if VNNI => legacy512::rows(w, a, y),
         (Weights::Q4_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
         (Weights::Q5_0(w), Acts::Q8_0(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q4_1(w), Acts::Q8_1(a)) if VNNI => legacy512::rows(w, a, y),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),

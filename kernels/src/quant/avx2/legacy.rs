@@ -217,9 +217,10 @@ unsafe fn five_bits(qs: &[u8; QK / 2], qh: [u8; 4]) -> __m256i {
     _mm256_or_si256(nibbles(qs), hi)
 }
 
-/// One token's activations for four consecutive blocks, prepared once per call.
+/// One token's activations for four consecutive blocks, prepared once per call. 64-byte
+/// aligned (its size is 192), so that `legacy512.rs` loads two blocks' values from one line.
 #[derive(Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C, align(64))]
 pub(super) struct Group {
     /// dy of the four blocks, twice (the layout of the folded sums).
     pub(super) dy: [f32; 8],
@@ -246,7 +247,7 @@ thread_local! {
 
 /// `y` (one token's row of blocks) as groups of four in `out` (`y.len().div_ceil(4)` of
 /// them); blocks past the end have zero scales and values.
-fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
+pub(super) fn prepare<A: Act>(y: &[A], offset: i32, out: &mut [Group]) {
     debug_assert_eq!(out.len(), y.len().div_ceil(4));
     for (out, y) in out.iter_mut().zip(y.chunks(4)) {
         let mut g = EMPTY;
@@ -334,7 +335,7 @@ unsafe fn fold4(p: [__m256i; 4]) -> __m256i {
 /// multiplies, so its sums are the same bits as a full step over zero blocks (what the panels
 /// compute) at the cost of K blocks: SmolLM2's 576-column rows end in a group of two.
 #[inline(always)]
-unsafe fn step<M: Mul, B: Legacy, const N: usize, const K: usize>(
+pub(super) unsafe fn step<M: Mul, B: Legacy, const N: usize, const K: usize>(
     x: &[B; K],
     ys: [&[Group]; N],
     g: usize,
@@ -413,7 +414,7 @@ unsafe fn dot_n<M: Mul, B: Legacy, const N: usize>(x: &[B], ys: [&[Group]; N]) -
 }
 
 /// `f` with this thread's group buffer holding `len` groups.
-fn with_groups<R>(len: usize, f: impl FnOnce(&mut [Group]) -> R) -> R {
+pub(super) fn with_groups<R>(len: usize, f: impl FnOnce(&mut [Group]) -> R) -> R {
     crate::with_scratch(&GROUPS, Vec::new, |g| {
         g.resize(len, EMPTY);
         f(&mut g[..len])
