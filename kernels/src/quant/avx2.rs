@@ -58,6 +58,7 @@ mod legacy;
 mod legacy512;
 mod panel;
 mod panel512;
+mod q4k512;
 
 /// A legacy-format entry point (`dot`, `dot4`, `rows`, `tile`) of the VNNI bodies when `VNNI`,
 /// else of the AVX2 ones.
@@ -220,7 +221,7 @@ unsafe fn k4_nibbles(qs: &[u8; QK_K / 2], j: usize) -> (__m256i, __m256i) {
 // inlining budget per body.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_k1<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
-    k_one(x, y)
+    k_one::<B, Ymm>(x, y)
 }
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_k<B: KBlock, const N: usize>(x: &[B], ys: [&[BlockQ8K]; N]) -> [f32; N] {
@@ -334,11 +335,28 @@ unsafe fn k_epilogue<const N: usize>(
     }
 }
 
+/// How decode takes one super-block's integer totals against one token: [`KBlock::sums`] with
+/// N = 1 ([`Ymm`]), or a 512-bit body that gives the same totals (`q4k512.rs`).
+trait Sums1<B> {
+    unsafe fn sums1(x: &B, y: &BlockQ8K) -> (__m256i, __m256i);
+}
+
+/// The 256-bit bodies.
+struct Ymm;
+impl<B: KBlock> Sums1<B> for Ymm {
+    #[inline(always)]
+    unsafe fn sums1(x: &B, y: &BlockQ8K) -> (__m256i, __m256i) {
+        let ([m], [n]) = x.sums([y]);
+        (m, n)
+    }
+}
+
 /// One row against one token: the scalar sequence of [`k_epilogue`], with the totals of eight
 /// super-blocks at a time taken by one [`reduce8`] (fewer instructions than a reduction per
-/// super-block, which is what the last `len mod 8` super-blocks get).
+/// super-block, which is what the last `len mod 8` super-blocks get). Only the totals of each
+/// super-block come from `S`, so every `S` gives the same bits.
 #[inline(always)]
-unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
+unsafe fn k_one<B: KBlock, S: Sums1<B>>(x: &[B], y: &[BlockQ8K]) -> f32 {
     let mut acc = 0f32;
     let mut c0 = 0;
     while c0 + 8 <= x.len() {
@@ -347,7 +365,7 @@ unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
         for c in 0..8 {
             let i = c0 + c;
             prefetch_ahead(&x[i]);
-            let ([sm], [sn]) = x[i].sums([&y[i]]);
+            let (sm, sn) = S::sums1(&x[i], &y[i]);
             let (dx, dmx) = x[i].scales();
             (m[c], n[c], dm[c], dn[c]) = (sm, sn, dx * y[i].d, -dmx * y[i].d);
         }
@@ -367,11 +385,11 @@ unsafe fn k_one<B: KBlock>(x: &[B], y: &[BlockQ8K]) -> f32 {
     let mut e = [acc];
     for i in c0..x.len() {
         prefetch_ahead(&x[i]);
-        let (sm, sn) = x[i].sums([&y[i]]);
+        let (sm, sn) = S::sums1(&x[i], &y[i]);
         k_epilogue(
             &mut e,
-            &sm,
-            B::MINS.then_some(&sn),
+            &[sm],
+            B::MINS.then_some(&[sn]),
             x[i].scales(),
             &[y[i].d],
         );
@@ -601,7 +619,7 @@ unsafe fn streams<B>(w: &[B], bpr: usize, mut dot: impl FnMut(&[B]) -> f32, out:
 pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, y: &mut [f32]) {
     assert_eq!(w.len(), a.len() * y.len(), "matvec_rows: shapes");
     macro_rules! go {
-        ($y:expr, $w:expr, $a:expr, $dot:ident) => {{
+        ($y:expr, $w:expr, $a:expr, $dot:path) => {{
             let bpr = $a.len();
             if bpr > 0 {
                 streams($w, bpr, |x| $dot(x, $a), $y);
@@ -618,6 +636,7 @@ pub(crate) unsafe fn matvec_rows<const VNNI: bool>(w: Weights<'_>, a: Acts<'_>, 
         (Weights::Q4_1(w), Acts::Q8_1(a)) if VNNI => legacy512::rows(w, a, y),
         (Weights::Q4_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
         (Weights::Q5_1(w), Acts::Q8_1(a)) => legacy!(VNNI, rows(w, a, y)),
+        (Weights::Q4K(w), Acts::Q8K(a)) if VNNI => go!(y, w, a, q4k512::dot),
         (Weights::Q4K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q5K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
         (Weights::Q6K(w), Acts::Q8K(a)) => go!(y, w, a, dot_k1),
