@@ -43,10 +43,18 @@
 //! |q8| ≤ 127 (activations never hold -128: every quantizer here maps to -127..=127), so a
 //! pair is ≤ 2·128·127 = 32512. Used by the AVX-512 tier too (every AVX-512 CPU has AVX2),
 //! which passes `VNNI = true` where the CPU has AVX-512 VNNI: the legacy formats' bodies then
-//! use `vpdpbusd` (see `avx2/legacy.rs`; checked against the oracle on an emulated CPU by
-//! `.ci/avx512-emulated.sh`, speed unmeasured: no session has had such a CPU). The k-quants
-//! keep `vpmaddubsw` there: their `vpmaddwd` multiplies by the sub-block scales, which
-//! `vpdpbusd` cannot fold in.
+//! use `vpdpbusd` (see `avx2/legacy.rs`; also checked against the oracle on an emulated CPU by
+//! `.ci/avx512-emulated.sh`), and three bodies move to 512-bit vectors, each giving the bits of
+//! the 256-bit one it replaces:
+//! - legacy prefill: sixteen-row panels, two tokens per pass (`avx2/panel512.rs`);
+//! - Q4_0 / Q4_1 decode: four blocks per step (`avx2/legacy512.rs`);
+//! - Q4_K decode: a super-block in four vectors, `vpdpwssd` folding in the sub-block scales
+//!   (`avx2/q4k512.rs`).
+//! On Zen 5 (2 threads, alternating runs; the figures are in each module's docs) TinyLlama
+//! Q4_0 prefill of 512 tokens went from 183-187 to 338-365 tok/s, and one thread's decode
+//! gained 13% (Q4_0) and 5-8% (Q4_K).
+//! A 512-bit Q6_K decode body was tried the same way and gained nothing measurable (not kept).
+//! The k-quant prefill panels keep `vpmaddubsw` + `vpmaddwd`.
 
 use super::*;
 use crate::Weights;

@@ -7,6 +7,9 @@
 //! the scales of two sub-blocks are placed by one `vpermw`, and the nibbles of 128 values
 //! come from one load. On Zen 5 the 512-bit bodies run at full width.
 //!
+//! Measured on a 2-vCPU Zen 5, TinyLlama Q4_K_M, alternating runs: one thread decoded 38-41
+//! tok/s against 37-38, two threads 66-67.5 against 62.6-66.
+//!
 //! Same bits: only the super-block's integer totals (Σ sc·q·q8 and Σ min·bsum, exact in any
 //! order) come from here; `k_one` scales and adds them exactly as for the 256-bit body.
 
